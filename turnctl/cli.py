@@ -1,0 +1,104 @@
+"""The ``turnctl`` command line: a click group with one module per command (turnctl/commands/).
+
+Launchers prepend ``--local_rank=N`` before the subcommand; the root group accepts and ignores it
+(the environment's RANK / LOCAL_RANK / WORLD_SIZE are the source of truth). Known errors print one
+line and exit 2; anything else is a bug and prints one line too, with the full traceback when
+``TURNCTL_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import List, Optional
+
+import click
+
+from turnctl import __version__
+from turnctl.distributed import destroy, env_rank
+from turnctl.errors import TurnctlError
+from turnctl.logger import setup_logging
+
+
+class _Root(click.Group):
+    def list_commands(self, ctx):  # keep the data-flow order instead of alphabetical
+        order = ["prepare", "train", "eval", "compare", "report", "env"]
+        return sorted(self.commands, key=lambda c: order.index(c) if c in order else len(order))
+
+
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="turnctl")
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
+              help="Set by launchers; ignored (LOCAL_RANK from the environment is used).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, including DeepSpeed's.")
+def cli(local_rank: Optional[int], verbose: bool) -> None:
+    """Fine-tune pre-trained backbones on noisy labels with TURN.
+
+    \b
+    Data flow:  prepare -> shards -> features -> probe -> select -> finetune -> eval
+      turnctl prepare webvision                      raw dataset -> WebDataset shards
+      deepspeed turnctl train --recipe clip_l14      linear probe, then (cleanse -> fine-tune) x E
+      turnctl eval --checkpoint runs/clip_l14-.../final
+    """
+    setup_logging(verbose)
+
+
+def _register() -> None:
+    from turnctl.commands import env, eval as eval_cmd, prepare, train
+
+    for mod in (prepare, train, eval_cmd, env):
+        cli.add_command(mod.command)
+    for optional in ("compare", "report"):
+        try:
+            mod = __import__(f"turnctl.commands.{optional}", fromlist=["command"])
+        except ModuleNotFoundError:
+            continue
+        cli.add_command(mod.command)
+
+
+_register()
+
+
+def _say_error(prefix: str, message: str) -> None:
+    rank = env_rank()
+    tag = f"[rank {rank}] " if rank else ""
+    sys.stderr.write(f"{tag}turnctl: {prefix}{message}\n")
+    sys.stderr.flush()
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    """Run the CLI and return its exit status (what tests call)."""
+    debug = os.environ.get("TURNCTL_DEBUG", "") not in ("", "0")
+    try:
+        cli.main(args=argv, prog_name="turnctl", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        _say_error("", "aborted")
+        return 130
+    except KeyboardInterrupt:
+        _say_error("", "interrupted")
+        return 130
+    except TurnctlError as exc:
+        if debug:
+            traceback.print_exc()
+        _say_error("error: ", str(exc))
+        return exc.exit_code
+    except Exception as exc:  # a bug: one line, traceback on request
+        if debug:
+            traceback.print_exc()
+            _say_error("internal error: ", f"{type(exc).__name__}: {exc}")
+        else:
+            _say_error("internal error: ", f"{type(exc).__name__}: {exc} (rerun with TURNCTL_DEBUG=1 for the traceback)")
+        return 1
+    finally:
+        destroy()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    sys.exit(run(argv))

@@ -1,0 +1,240 @@
+"""Process-group setup and the collectives turnctl relies on.
+
+Rank and world size come from the environment that every launcher sets (``deepspeed``, ``torchrun``,
+``deepspeed --module``); a plain ``turnctl ...`` is a world of one. Rules kept here (DESIGN.md §2):
+
+* every collective runs on every rank;
+* per-sample results are gathered *by idx* and checked: each idx must arrive exactly once;
+* the process-group timeout comes from the recipe, so a long rank-0 step (the linear probe) does not
+  trip the watchdog while a dead rank still fails the others in bounded time.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import socket
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from turnctl.errors import DistributedError
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return env_rank() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(timeout_minutes: float = 60.0) -> None:
+    """Create the default process group (idempotent).
+
+    A single process gets a world of one on a private port, so that DeepSpeed and the collectives
+    below behave the same with and without a launcher.
+    """
+    if is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if env_world_size() > 1:
+            raise DistributedError(
+                "WORLD_SIZE > 1 but MASTER_PORT is not set: start turnctl through a launcher "
+                "(deepspeed, torchrun) rather than setting WORLD_SIZE by hand"
+            )
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import deepspeed
+
+    deepspeed.init_distributed(
+        timeout=_dt.timedelta(minutes=timeout_minutes), verbose=False,
+        auto_mpi_discovery=False,
+    )
+
+
+def destroy() -> None:
+    """Tear the process group down (DeepSpeed warns and can hang at exit otherwise)."""
+    if is_initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def world_size() -> int:
+    if is_initialized():
+        import torch.distributed as dist
+
+        return dist.get_world_size()
+    return 1
+
+
+def rank() -> int:
+    if is_initialized():
+        import torch.distributed as dist
+
+        return dist.get_rank()
+    return 0
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: List[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_initialized() or world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def comm_device():
+    """The device tensors must live on for collectives of the current backend."""
+    import torch
+    import torch.distributed as dist
+
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_variable(tensor) -> list:
+    """All-gather tensors whose first dimension differs between ranks (pad, gather, trim)."""
+    import torch
+    import torch.distributed as dist
+
+    if not is_initialized() or world_size() == 1:
+        return [tensor]
+    dev = comm_device()
+    t = tensor.to(dev).contiguous()
+    n = torch.tensor([t.shape[0]], device=dev, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    sizes_i = [int(s.item()) for s in sizes]
+    longest = max(sizes_i)
+    if t.shape[0] < longest:
+        pad = torch.zeros((longest - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
+        t = torch.cat([t, pad], 0)
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t)
+    return [p[:s] for p, s in zip(parts, sizes_i)]
+
+
+def check_coverage(idx: np.ndarray, num_samples: int, what: str = "gather") -> None:
+    """Raise unless ``idx`` holds every integer in ``[0, num_samples)`` exactly once."""
+    idx = np.asarray(idx).astype(np.int64, copy=False)
+    if idx.size and (idx.min() < 0 or idx.max() >= num_samples):
+        bad = idx[(idx < 0) | (idx >= num_samples)][0]
+        raise DistributedError(f"{what}: idx {int(bad)} is outside [0, {num_samples})")
+    counts = np.bincount(idx, minlength=num_samples)
+    dup = np.flatnonzero(counts > 1)
+    missing = np.flatnonzero(counts == 0)
+    if dup.size or missing.size:
+        parts = []
+        if dup.size:
+            parts.append(f"{dup.size} duplicated (first idx {int(dup[0])})")
+        if missing.size:
+            parts.append(f"{missing.size} missing (first idx {int(missing[0])})")
+        raise DistributedError(
+            f"{what}: expected each of {num_samples} idx exactly once, got " + ", ".join(parts)
+        )
+
+
+def gather_by_idx(
+    idx, values: Dict[str, Any], *, num_samples: int, what: str = "gather"
+) -> Dict[str, np.ndarray]:
+    """All-gather per-sample ``values`` keyed by ``idx`` and return them ordered by idx on every rank.
+
+    ``idx`` is a 1-D integer tensor of this rank's samples (padding rows must already be removed);
+    each value is a tensor whose first dimension matches. The result maps each name to a numpy
+    array of length ``num_samples`` in idx order, plus ``"idx"`` itself. A gap or a duplicate raises
+    :class:`DistributedError` on every rank (all ranks see the same gathered data, so they agree).
+    """
+    import torch
+
+    idx_t = torch.as_tensor(idx, dtype=torch.long)
+    all_idx = torch.cat([p.cpu() for p in all_gather_variable(idx_t)]).numpy()
+    check_coverage(all_idx, num_samples, what)
+    order = np.argsort(all_idx, kind="stable")
+    out: Dict[str, np.ndarray] = {"idx": all_idx[order]}
+    for name, value in values.items():
+        v = torch.as_tensor(value)
+        if v.shape[0] != idx_t.shape[0]:
+            raise DistributedError(f"{what}: '{name}' has {v.shape[0]} rows for {idx_t.shape[0]} idx")
+        gathered = torch.cat([p.cpu() for p in all_gather_variable(v)]).numpy()
+        out[name] = gathered[order]
+    return out
+
+
+def shares(num_items: int, parts: int) -> Sequence[range]:
+    """Split ``range(num_items)`` into ``parts`` contiguous, near-equal ranges."""
+    base, extra = divmod(num_items, parts)
+    out, start = [], 0
+    for p in range(parts):
+        stop = start + base + (1 if p < extra else 0)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+def host_info() -> Dict[str, Any]:
+    return {"rank": env_rank(), "local_rank": env_local_rank(), "pid": os.getpid(),
+            "host": socket.gethostname()}
+
+
+def set_seed(seed: int, *, per_rank: bool = True) -> int:
+    """Seed python, numpy and torch; with ``per_rank`` each rank gets ``seed + rank``."""
+    import random as _random
+
+    import torch
+
+    s = seed + (env_rank() if per_rank else 0)
+    _random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+    return s
+
+
+def describe_world() -> Optional[str]:
+    if env_world_size() <= 1:
+        return None
+    return f"rank {env_rank()}/{env_world_size()} (local {env_local_rank()})"

@@ -1,0 +1,108 @@
+"""Rank-aware logging and progress.
+
+The rank is read from the environment before any rich object exists, so that only rank 0 builds a
+live display: rank 0 logs INFO with rich formatting and progress bars, every other rank logs WARNING
+and above with a ``[rank N]`` prefix and no bars. Logs go to stderr; results (tables, JSON) go to
+stdout through :func:`result_console`, on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from typing import Iterable, Iterator, Optional, TypeVar
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from turnctl.distributed import env_rank
+
+LOGGER_NAME = "turnctl"
+log = logging.getLogger(LOGGER_NAME)
+T = TypeVar("T")
+
+_stderr_console: Optional[Console] = None
+_stdout_console: Optional[Console] = None
+
+
+def _is_ci() -> bool:
+    return bool(os.environ.get("CI")) or not sys.stderr.isatty()
+
+
+def setup_logging(verbose: bool = False) -> logging.Logger:
+    """Configure the ``turnctl`` logger for this process's rank (idempotent)."""
+    global _stderr_console
+    rank = env_rank()
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    log.propagate = False
+    if rank == 0:
+        _stderr_console = Console(stderr=True)
+        handler: logging.Handler = RichHandler(
+            console=_stderr_console, show_path=False, rich_tracebacks=False, markup=False,
+            log_time_format="[%X]",
+        )
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+        log.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    # Third-party chatter (DeepSpeed prints INFO on every rank) stays quiet unless asked for.
+    if not verbose:
+        for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    return log
+
+
+def result_console() -> Console:
+    """Console for results on stdout (use on rank 0 only)."""
+    global _stdout_console
+    if _stdout_console is None:
+        _stdout_console = Console(soft_wrap=True)
+    return _stdout_console
+
+
+def error_console() -> Console:
+    global _stderr_console
+    if _stderr_console is None:
+        _stderr_console = Console(stderr=True)
+    return _stderr_console
+
+
+@contextlib.contextmanager
+def progress(disable: bool = False) -> Iterator[Optional[Progress]]:
+    """A rich progress display on rank 0 (None elsewhere, in CI, or when disabled)."""
+    if disable or env_rank() != 0 or os.environ.get("TURNCTL_NO_PROGRESS"):
+        yield None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=error_console(),
+        transient=True, disable=_is_ci(),
+    )
+    with bar:
+        yield bar
+
+
+def track(items: Iterable[T], description: str, total: Optional[int] = None) -> Iterator[T]:
+    """Iterate with a progress bar on rank 0 only."""
+    with progress() as bar:
+        if bar is None:
+            yield from items
+            return
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)

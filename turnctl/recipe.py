@@ -1,0 +1,393 @@
+"""Typed recipes: the one place every hyper-parameter lives.
+
+A recipe is a YAML file (``recipes/NAME.yaml`` or any path) validated against the models below.
+Like DeepSpeed's config models, every section forbids unknown keys; unlike pydantic's default error,
+ours names the full key path and the closest valid key, in one line::
+
+    recipe recipes/clip_l14.yaml: unknown key 'finetune.lrr' (did you mean 'finetune.lr'?)
+
+``--set a.b.c=value`` overrides are applied to the raw mapping *before* validation, so they are
+typed, range-checked and spell-checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from turnctl.errors import RecipeError
+
+METHODS = (
+    "turn", "lp-ce", "lp-gce", "lp-elr", "fft-ce", "fft-gce", "fft-elr",
+    "lp-dividemix", "lp-unicon", "nmtune", "turn-nmtune",
+)
+FAMILIES = (
+    "vit", "clip", "convnext", "resnet", "vit_mae", "vit_msn", "dinov2", "auto",
+    "efficientnet_lite0", "efficientnet_lite1",
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """The pre-trained backbone."""
+
+    family: Literal[FAMILIES] = "vit"  # type: ignore[valid-type]
+    # Hugging Face hub id or local directory. None with `config` set builds a random-init model.
+    name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    # transformers config kwargs for a model built from scratch (tests, benchmarks) or overrides.
+    config: Optional[Dict[str, Any]] = None
+    # Input side in pixels; None takes it from the checkpoint's image-processor config.
+    image_size: Optional[int] = Field(default=None, ge=8, le=4096)
+    # Which representation feeds the head: the family's documented default, or cls / pooler / mean.
+    pooling: Literal["default", "cls", "pooler", "mean"] = "default"
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.name_or_path is None and self.config is None and not self.family.startswith("efficientnet"):
+            raise ValueError("set model.name_or_path (hub id or local dir) or model.config (random init)")
+        return self
+
+
+class DataSection(Section):
+    """Where the prepared shards are and how they are read."""
+
+    shards: str = "shards/digits-symmetric-0.6"
+    # None: taken from the shards' manifest. Set: must agree with it (checked before training).
+    num_classes: Optional[int] = Field(default=None, ge=2)
+    train_split: str = "train"
+    val_split: Optional[str] = "val"
+    test_split: Optional[str] = "test"
+    num_workers: int = Field(default=2, ge=0, le=64)
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    # Training-time augmentation (paper): cifar = flip + random affine; imagenet = random resized
+    # crop + flip + colour jitter; flip = horizontal flip only; none.
+    augment: Literal["none", "flip", "cifar", "imagenet"] = "none"
+
+
+class FeatureSection(Section):
+    """Frozen-feature pre-extraction (step 1 input)."""
+
+    batch_size: int = Field(default=256, ge=1)
+    # Cache directory; None = <shards>/.features. The cache key covers backbone, revision,
+    # preprocessing and the shards' sha256, so a cache is never reused across them.
+    cache_dir: Optional[str] = None
+    cache: bool = True
+
+
+class LossSection(Section):
+    """Loss constants shared by the probe and fine-tuning (DESIGN.md §4)."""
+
+    gce_q: float = Field(default=0.7, gt=0.0, le=1.0)
+    # literal: (1 - p_y^q) / q;  surrogate: CE * q * p_y^q (same gradient up to a factor q).
+    gce_form: Literal["literal", "surrogate"] = "literal"
+    # ELR: CIFAR-100 beta 0.9, lambda 7; CIFAR-10 beta 0.7, lambda 3.
+    elr_beta: float = Field(default=0.7, ge=0.0, lt=1.0)
+    elr_lambda: float = Field(default=3.0, ge=0.0)
+
+
+class ProbeSection(Section):
+    """Linear probing on frozen features (TURN step 1; the LP baselines)."""
+
+    epochs: int = Field(default=20, ge=0, le=10000)
+    loss: Literal["ce", "gce", "elr"] = "gce"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=1e-2, gt=0.0, le=10.0)
+    weight_decay: float = Field(default=1e-3, ge=0.0, le=1.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    batch_size: int = Field(default=128, ge=1)
+    schedule: Literal["constant", "cosine"] = "cosine"
+
+
+class CleanseSection(Section):
+    """Per-class GMM cleansing (TURN step 2)."""
+
+    tau: float = Field(default=0.6, gt=0.0, lt=1.0)
+    # Lineage defaults (DivideMix): a few EM steps on min-max normalised losses.
+    gmm_max_iter: int = Field(default=10, ge=1, le=10000)
+    gmm_tol: float = Field(default=1e-2, gt=0.0)
+    gmm_reg_covar: float = Field(default=5e-4, gt=0.0)
+    normalize: Literal["minmax", "none"] = "minmax"
+    # A class keeping fewer than 2 samples falls back to its k lowest-loss samples (logged).
+    min_per_class: int = Field(default=2, ge=1)
+    fallback_k: int = Field(default=8, ge=1)
+    balance: bool = True
+    # The paper cleanses every epoch, so the balanced subset is redrawn every epoch.
+    redraw_each_epoch: bool = True
+    seed: Optional[int] = None  # None: derived from the run seed and the epoch
+
+
+class FinetuneSection(Section):
+    """Full fine-tuning with DeepSpeed (TURN step 2, the FFT baselines)."""
+
+    epochs: int = Field(default=4, ge=0, le=10000)
+    loss: Literal["ce", "gce", "elr"] = "ce"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=1e-2, gt=0.0, le=10.0)
+    weight_decay: float = Field(default=1e-5, ge=0.0, le=1.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    # Global batch (paper: 128) = micro_batch_size x gradient accumulation x world size.
+    batch_size: int = Field(default=128, ge=1)
+    micro_batch_size: int = Field(default=32, ge=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    gradient_clipping: float = Field(default=1.0, ge=0.0)
+    eval_batch_size: int = Field(default=256, ge=1)
+
+
+class DeepSpeedSection(Section):
+    """DeepSpeed engine settings; the rest of the DeepSpeed config is derived from the recipe."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, else fp32
+    offload_optimizer: bool = False
+    # DeepSpeed's default 1e5 leaves small parameters unpartitioned under ZeRO-3; tests set 0.
+    stage3_param_persistence_threshold: Optional[int] = Field(default=None, ge=0)
+    # Process-group timeout: long enough for rank 0's linear probe, short enough to fail a dead rank.
+    timeout_minutes: float = Field(default=30.0, gt=0.0, le=1440.0)
+    # Raw keys merged into the generated DeepSpeed config last (expert use).
+    extra: Dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputSection(Section):
+    dir: Optional[str] = None  # None: runs/<recipe>-<timestamp>
+    keep_checkpoints: int = Field(default=2, ge=1)
+    tensorboard: bool = True
+    export_final: bool = True
+
+
+class Recipe(Section):
+    name: str = "recipe"
+    description: str = ""
+    method: Literal[METHODS] = "turn"  # type: ignore[valid-type]
+    seed: int = Field(default=0, ge=0)
+    model: ModelSection
+    data: DataSection = Field(default_factory=DataSection)
+    features: FeatureSection = Field(default_factory=FeatureSection)
+    losses: LossSection = Field(default_factory=LossSection)
+    probe: ProbeSection = Field(default_factory=ProbeSection)
+    cleanse: CleanseSection = Field(default_factory=CleanseSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    # ---- derived settings -------------------------------------------------------------------
+    def grad_accum(self, world_size: int) -> int:
+        """Gradient-accumulation steps from the batch triad, or a clear error."""
+        ft = self.finetune
+        per_step = ft.micro_batch_size * world_size
+        if ft.batch_size % per_step:
+            raise RecipeError(
+                f"finetune.batch_size={ft.batch_size} must be a multiple of finetune.micro_batch_size"
+                f" ({ft.micro_batch_size}) x world size ({world_size}) = {per_step}; set "
+                f"finetune.batch_size to a multiple of {per_step} or change finetune.micro_batch_size"
+            )
+        return ft.batch_size // per_step
+
+    def precision_for(self, device_type: str) -> str:
+        p = self.deepspeed.precision
+        if p == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return p
+
+    def deepspeed_config(self, world_size: int, device_type: str = "cpu",
+                         steps_per_epoch: Optional[int] = None) -> Dict[str, Any]:
+        """The DeepSpeed config dict: batch triad checked, clipping explicit, ZeRO stage as set.
+
+        The optimizer and LR schedule are built by turnctl (so SGD, AdamW and the cosine schedule
+        behave the same on every stage), hence ``zero_allow_untested_optimizer``.
+        """
+        ds, ft = self.deepspeed, self.finetune
+        accum = self.grad_accum(world_size)
+        zero: Dict[str, Any] = {"stage": ds.zero_stage}
+        if ds.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+            if ds.stage3_param_persistence_threshold is not None:
+                zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+        if ds.offload_optimizer and ds.zero_stage >= 1:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+        cfg: Dict[str, Any] = {
+            "train_batch_size": ft.batch_size,
+            "train_micro_batch_size_per_gpu": ft.micro_batch_size,
+            "gradient_accumulation_steps": accum,
+            # Explicit: DeepSpeed >= 0.19.3 defaults to 1.0 silently; 0 disables clipping.
+            "gradient_clipping": ft.gradient_clipping,
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        precision = self.precision_for(device_type)
+        if precision == "bf16":
+            cfg["bf16"] = {"enabled": True}
+        elif precision == "fp16":
+            cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+        cfg = _deep_merge(cfg, ds.extra)
+        if cfg["train_batch_size"] != cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world_size:
+            raise RecipeError(
+                "deepspeed.extra overrides break the batch triad: train_batch_size must equal "
+                "train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size"
+            )
+        return cfg
+
+    def digest(self) -> str:
+        """A short hash of the resolved recipe (ranks compare it to agree on one config)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+def recipe_dirs() -> List[Path]:
+    """Where ``--recipe NAME`` is looked up: $TURNCTL_RECIPES, the checkout, the installed package."""
+    dirs: List[Path] = []
+    if os.environ.get("TURNCTL_RECIPES"):
+        dirs.append(Path(os.environ["TURNCTL_RECIPES"]))
+    dirs.append(Path(__file__).resolve().parent.parent / "recipes")  # source checkout / editable
+    try:
+        dirs.append(Path(str(resources.files("turnctl") / "recipes")))  # wheel install
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover
+        pass
+    return dirs
+
+
+def available_recipes() -> List[str]:
+    names = set()
+    for d in recipe_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path or p.exists():
+        if not p.is_file():
+            raise RecipeError(f"recipe file not found: {p}")
+        return p
+    for d in recipe_dirs():
+        cand = d / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
+    names = available_recipes()
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; available: {', '.join(names)}"
+    raise RecipeError(f"unknown recipe '{name_or_path}'{hint}")
+
+
+def _unknown_keys(raw: Any, model: Type[BaseModel], prefix: str = "") -> List[Tuple[str, List[str]]]:
+    """Unknown keys in ``raw`` with their valid siblings, recursing into section models."""
+    if not isinstance(raw, dict):
+        return []
+    found = []
+    fields = model.model_fields
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            found.append((path, [f"{prefix}{f}" for f in fields]))
+            continue
+        ann = fields[key].annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if sub is not None:
+            found.extend(_unknown_keys(value, sub, path + "."))
+    return found
+
+
+def _parse_override(item: str) -> Tuple[List[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"--set '{item}' must look like key.path=value (e.g. finetune.lr=1e-4)")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set '{item}': empty key segment")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise RecipeError(f"--set '{item}': '{part}' is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if "input" in first and not isinstance(first["input"], (dict, list)):
+        msg += f" (got {first['input']!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"recipe {source}: {loc}: {msg}{more}"
+
+
+def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {source}: top level must be a mapping, got {type(raw).__name__}")
+    unknown = _unknown_keys(raw, Recipe)
+    if unknown:
+        path, valid = unknown[0]
+        close = difflib.get_close_matches(path, valid, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+        raise RecipeError(f"recipe {source}: unknown key '{path}'{hint}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(source, err)) from None
+
+
+def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None) -> Recipe:
+    """Load a recipe by name (``recipes/NAME.yaml``) or path, apply ``--set`` overrides, validate.
+
+    >>> r = load_recipe("tiny", ["finetune.lr=1e-3"])
+    >>> r.finetune.lr
+    0.001
+    """
+    path = resolve_recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"recipe {path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if isinstance(raw, dict):
+        raw.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides or [])
+    return validate_recipe(raw, str(path))
