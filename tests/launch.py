@@ -1,0 +1,97 @@
+"""Start turnctl under the real launchers (deepspeed, torchrun) on CPU ranks, for tests.
+
+Every launch gets its own free rendezvous port, DS_ACCELERATOR=cpu (gloo), one thread per rank
+(2-core CI machines), and a hard timeout so that a hang fails the test instead of the CI job.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    env.update({
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "TURNCTL_NO_PROGRESS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    env.pop("PYTHONPATH", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(cmd: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[Dict[str, str]] = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command, capturing output; on timeout the whole process group is killed."""
+    proc = subprocess.Popen(
+        list(cmd), cwd=str(cwd or REPO), env=env or cpu_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def deepspeed_cmd(args: Sequence[str], *, nproc: int = 2, module: bool = False) -> List[str]:
+    """``deepspeed --num_gpus N [--module] turnctl ARGS`` with a private port."""
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port())]
+    if module:
+        cmd.append("--module")
+    return cmd + ["turnctl", *args]
+
+
+def torchrun_cmd(args: Sequence[str], *, nproc: int = 2) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "turnctl", *args]
+
+
+def turnctl_cmd(args: Sequence[str]) -> List[str]:
+    return [str(BIN / "turnctl"), *args]
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}: {' '.join(result.args)}\n--- stdout\n{result.stdout[-4000:]}"
+        f"\n--- stderr\n{result.stderr[-6000:]}"
+    )
+    return result
+
+
+def last_json(text: str) -> dict:
+    """The last line of stdout that parses as a JSON object."""
+    import json
+
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise AssertionError(f"no JSON line in output:\n{text[-3000:]}")
