@@ -159,6 +159,34 @@ def all_gather_variable(tensor) -> list:
     return [p[:s] for p, s in zip(parts, sizes_i)]
 
 
+def gather_variable(tensor, dst: int = 0) -> Optional[list]:
+    """Gather tensors of differing first dimension to ``dst`` only (None on other ranks).
+
+    Unlike :func:`all_gather_variable`, only rank ``dst`` holds the whole result: features of a
+    million-image split are gathered for the linear probe without every rank holding a copy.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not is_initialized() or world_size() == 1:
+        return [tensor]
+    dev = comm_device()
+    t = tensor.to(dev).contiguous()
+    n = torch.tensor([t.shape[0]], device=dev, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    sizes_i = [int(s.item()) for s in sizes]
+    longest = max(sizes_i)
+    if t.shape[0] < longest:
+        pad = torch.zeros((longest - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
+        t = torch.cat([t, pad], 0)
+    parts = [torch.empty_like(t) for _ in range(world_size())] if rank() == dst else None
+    dist.gather(t, gather_list=parts, dst=dst)
+    if parts is None:
+        return None
+    return [p[:s] for p, s in zip(parts, sizes_i)]
+
+
 def check_coverage(idx: np.ndarray, num_samples: int, what: str = "gather") -> None:
     """Raise unless ``idx`` holds every integer in ``[0, num_samples)`` exactly once."""
     idx = np.asarray(idx).astype(np.int64, copy=False)
@@ -180,14 +208,16 @@ def check_coverage(idx: np.ndarray, num_samples: int, what: str = "gather") -> N
 
 
 def gather_by_idx(
-    idx, values: Dict[str, Any], *, num_samples: int, what: str = "gather"
-) -> Dict[str, np.ndarray]:
-    """All-gather per-sample ``values`` keyed by ``idx`` and return them ordered by idx on every rank.
+    idx, values: Dict[str, Any], *, num_samples: int, what: str = "gather", dst: Optional[int] = None
+) -> Optional[Dict[str, np.ndarray]]:
+    """Gather per-sample ``values`` keyed by ``idx``; return them ordered by idx.
 
     ``idx`` is a 1-D integer tensor of this rank's samples (padding rows must already be removed);
     each value is a tensor whose first dimension matches. The result maps each name to a numpy
-    array of length ``num_samples`` in idx order, plus ``"idx"`` itself. A gap or a duplicate raises
-    :class:`DistributedError` on every rank (all ranks see the same gathered data, so they agree).
+    array of length ``num_samples`` in idx order, plus ``"idx"`` itself. With ``dst=None`` every
+    rank gets the result; with ``dst=r`` only rank r does (others get None). A gap or a duplicate
+    raises :class:`DistributedError`; the idx are all-gathered in both modes so that every rank
+    raises together instead of leaving the others waiting in the next collective.
     """
     import torch
 
@@ -195,14 +225,16 @@ def gather_by_idx(
     all_idx = torch.cat([p.cpu() for p in all_gather_variable(idx_t)]).numpy()
     check_coverage(all_idx, num_samples, what)
     order = np.argsort(all_idx, kind="stable")
+    mine = dst is None or rank() == dst
     out: Dict[str, np.ndarray] = {"idx": all_idx[order]}
     for name, value in values.items():
         v = torch.as_tensor(value)
         if v.shape[0] != idx_t.shape[0]:
             raise DistributedError(f"{what}: '{name}' has {v.shape[0]} rows for {idx_t.shape[0]} idx")
-        gathered = torch.cat([p.cpu() for p in all_gather_variable(v)]).numpy()
-        out[name] = gathered[order]
-    return out
+        parts = all_gather_variable(v) if dst is None else gather_variable(v, dst)
+        if mine:
+            out[name] = torch.cat([p.cpu() for p in parts]).numpy()[order]
+    return out if mine else None
 
 
 def shares(num_items: int, parts: int) -> Sequence[range]:

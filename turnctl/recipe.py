@@ -132,7 +132,8 @@ class CleanseSection(Section):
 class FinetuneSection(Section):
     """Full fine-tuning with DeepSpeed (TURN step 2, the FFT baselines)."""
 
-    epochs: int = Field(default=4, ge=0, le=10000)
+    epochs: int = Field(default=4, ge=0, le=10000)  # TURN's E_FFT
+    baseline_epochs: int = Field(default=5, ge=0, le=10000)  # the FFT baselines (paper: 5)
     loss: Literal["ce", "gce", "elr"] = "ce"
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=1e-2, gt=0.0, le=10.0)

@@ -1,10 +1,279 @@
-"""Method dispatch: a resolved recipe -> the steps of its method."""
+"""A resolved recipe -> the steps of its method, on every rank.
+
+    turn        features -> LP (GCE) -> for each epoch: per-sample loss -> per-class GMM -> balanced
+                subset -> one FFT epoch (CE)
+    lp-ce/gce/elr   features -> LP with that loss (the backbone stays frozen)
+    fft-ce      full fine-tuning on all samples (random head), ``finetune.baseline_epochs`` epochs
+
+Every function here is collective (all ranks call it in the same order). Work done by rank 0 alone
+(the linear probe, the GMM) is followed by a broadcast, which doubles as the barrier, under the
+process-group timeout from the recipe.
+"""
 
 from __future__ import annotations
 
-from turnctl.errors import TurnctlError
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from turnctl import distributed as dist
+from turnctl.errors import DataError, TurnctlError
+from turnctl.logger import log
 from turnctl.recipe import Recipe
+from turnctl.rundir import RunDir, atomic_savez
+from turnctl.shards import SplitInfo, open_split
+
+LP_METHODS = {"lp-ce": "ce", "lp-gce": "gce", "lp-elr": "elr"}
+FFT_METHODS = {"fft-ce": "ce"}
+SUPPORTED = {"turn", *LP_METHODS, *FFT_METHODS}
 
 
-def train_from_recipe(recipe: Recipe, *, resume: bool = False) -> dict:
-    raise TurnctlError(f"method '{recipe.method}' is not available in this build yet")
+def open_splits(recipe: Recipe) -> Dict[str, SplitInfo]:
+    """The train split and whichever of val/test the shards have; num_classes checked."""
+    data = recipe.data
+    splits = {"train": open_split(data.shards, data.train_split)}
+    available = set(splits["train"].manifest.get("splits", {}))
+    for role, name in (("val", data.val_split), ("test", data.test_split)):
+        if name and name in available:
+            splits[role] = open_split(data.shards, name)
+    c = splits["train"].num_classes
+    if data.num_classes is not None and data.num_classes != c:
+        raise DataError(f"data.num_classes={data.num_classes} but the shards in {data.shards} have {c} classes "
+                        "(manifest.json); fix the recipe or pass the right --shards")
+    return splits
+
+
+def model_identity(recipe: Recipe) -> Dict[str, Any]:
+    m = recipe.model
+    return {"family": m.family, "name_or_path": m.name_or_path, "revision": m.revision, "config": m.config,
+            "image_size": m.image_size, "pooling": m.pooling,
+            "seed": recipe.seed if m.name_or_path is None and m.config is not None else None}
+
+
+def selection_quality(mask: np.ndarray, given: np.ndarray, clean: np.ndarray, ok: np.ndarray) -> Dict[str, Any]:
+    """Precision (purity), recall of a kept set against the true labels, when they are known."""
+    known = (clean >= 0) & ok
+    if not known.any():
+        return {}
+    truly_clean = (given == clean) & known
+    kept = mask & known
+    tp = int((kept & truly_clean).sum())
+    return {"purity": tp / max(int(kept.sum()), 1), "recall": tp / max(int(truly_clean.sum()), 1),
+            "noise_rate": 1.0 - float(truly_clean.sum()) / max(int(known.sum()), 1)}
+
+
+def _seed_epoch(recipe: Recipe, epoch: int) -> int:
+    # Every epoch reseeds from (seed, epoch): a resumed run draws exactly what an uninterrupted one would.
+    return recipe.seed * 100_003 + epoch
+
+
+def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """Run ``recipe.method`` end to end (collective). ``stop_after=E`` stops cleanly once fine-tuning
+    epoch E is checkpointed (time-limited jobs: continue later with ``resume=True``)."""
+    if recipe.method not in SUPPORTED:
+        raise TurnctlError(f"method '{recipe.method}' is not available yet; available: {', '.join(sorted(SUPPORTED))}")
+    t_start = time.time()
+    dist.init_distributed(recipe.deepspeed.timeout_minutes)
+    dist.set_seed(recipe.seed)
+    run = RunDir.open(recipe, resume=resume)
+    splits = open_splits(recipe)
+    train = splits["train"]
+    num_classes = train.num_classes
+    method = recipe.method
+    needs_lp = method == "turn" or method in LP_METHODS
+    needs_fft = method == "turn" or method in FFT_METHODS
+    fft_epochs = recipe.finetune.epochs if method == "turn" else recipe.finetune.baseline_epochs
+
+    from turnctl.backbones import load_backbone
+    from turnctl.transforms import eval_transform, train_transform
+
+    ds_config = recipe.deepspeed_config(dist.world_size(), "cuda" if torch.cuda.is_available() else "cpu")
+    backbone = load_backbone(recipe.model, num_classes=num_classes,
+                             ds_config=ds_config if needs_fft and recipe.deepspeed.zero_stage == 3 else None)
+    eval_tf = eval_transform(backbone.preprocess)
+    train_tf = train_transform(backbone.preprocess, recipe.data.augment)
+    log.info("run %s: method %s, %d classes, %d train samples, world size %d", run.path, method,
+             num_classes, train.num_samples, dist.world_size())
+
+    tuner = None
+    if needs_fft:
+        from turnctl.finetune import FineTuner
+
+        tuner = FineTuner(backbone, recipe)
+    start_epoch, best = 0, {"score": -1.0, "epoch": None, "test_accuracy": None}
+    if resume and tuner is not None:
+        client = tuner.load_checkpoint(run.checkpoints)
+        if client is not None:
+            start_epoch = int(client["epoch"])
+            best = client.get("best", best)
+            run.reset_history(client.get("history", []))
+            log.info("resumed from %s at epoch %d", run.checkpoints, start_epoch)
+    result: Dict[str, Any] = {"run_dir": str(run.path), "method": method, "feature_cache": {}}
+
+    if needs_lp and start_epoch == 0:
+        run.reset_history([])
+        probe_out = _linear_probe(recipe, run, backbone, tuner, splits, eval_tf,
+                                  loss=LP_METHODS.get(method, recipe.probe.loss))
+        result["feature_cache"] = probe_out["feature_cache"]
+        if tuner is None:  # an LP baseline: the probe is the result
+            return _finish_lp(recipe, run, backbone, probe_out, result, t_start)
+
+    last_sel: Dict[str, Any] = {}
+    for epoch in range(start_epoch, fft_epochs):
+        dist.set_seed(_seed_epoch(recipe, epoch))
+        keep_idx, sel_stats = None, {}
+        if method == "turn":
+            keep_idx, sel_stats = _cleanse(recipe, run, tuner, train, eval_tf, epoch)
+            last_sel = sel_stats
+        stats = tuner.train_epoch(train, epoch=epoch, keep_idx=keep_idx, transform=train_tf,
+                                  num_workers=recipe.data.num_workers, seed=_seed_epoch(recipe, epoch))
+        evals = _evaluate_splits(tuner, splits, eval_tf, recipe, num_classes)
+        line = {"phase": "fft", "epoch": epoch, **stats, **sel_stats, **evals}
+        run.log_metrics(line)
+        score = evals.get("val_accuracy", evals.get("test_accuracy", -1.0))
+        improved = dist.broadcast_object(score is not None and score > best["score"])
+        if improved:
+            best = {"score": score, "epoch": epoch, "test_accuracy": evals.get("test_accuracy"),
+                    "val_accuracy": evals.get("val_accuracy")}
+            tuner.export(run.best, metadata=_export_meta(recipe, train, epoch))
+        tuner.save_checkpoint(run.checkpoints, epoch=epoch, keep=recipe.output.keep_checkpoints,
+                              client_state={"epoch": epoch + 1, "best": best, "history": run.history,
+                                            "recipe_digest": recipe.digest()})
+        if dist.rank() == 0:
+            log.info("epoch %d: loss %.4f, %s%s", epoch, stats["train_loss"],
+                     " ".join(f"{k} {v:.4f}" for k, v in evals.items() if isinstance(v, float)),
+                     f", kept {sel_stats.get('kept')} -> {sel_stats.get('selected')}" if sel_stats else "")
+        if stop_after is not None and epoch >= stop_after and epoch + 1 < fft_epochs:
+            log.info("stopping after epoch %d as asked (--stop-after); continue with --resume --out %s",
+                     epoch, run.path)
+            result.update({"stopped_after_epoch": epoch, "wall_time_s": time.time() - t_start})
+            return result
+    if tuner is not None and recipe.output.export_final:
+        tuner.export(run.final, metadata=_export_meta(recipe, train, fft_epochs - 1))
+    last = run.history[-1] if run.history else {}
+    result.update({
+        "test_accuracy": {"best": best.get("test_accuracy"), "last": last.get("test_accuracy")},
+        "val_accuracy": {"best": best.get("val_accuracy"), "last": last.get("val_accuracy")},
+        "best_epoch": best.get("epoch"), "selection": last_sel or None, "wall_time_s": time.time() - t_start,
+        "final": str(run.final) if recipe.output.export_final else None,
+    })
+    run.write_summary(result)
+    return result
+
+
+def _export_meta(recipe: Recipe, train: SplitInfo, epoch: int) -> Dict[str, Any]:
+    return {"recipe": recipe.name, "method": recipe.method, "epoch": epoch, "shards": recipe.data.shards,
+            "class_names": list(train.class_names), "num_classes": train.num_classes}
+
+
+def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf, *, loss: str) -> Dict[str, Any]:
+    """Extract (or load) features on all ranks, train the head on rank 0, broadcast it."""
+    from pathlib import Path
+
+    from turnctl.features import extract_features
+    from turnctl.probe import train_linear_probe
+
+    cache_dir = recipe.features.cache_dir or str(Path(recipe.data.shards) / ".features")
+    forward = tuner.module.features if tuner is not None else backbone.features
+    feats = {}
+    for role, info in splits.items():
+        feats[role] = extract_features(
+            backbone, info, model_identity=model_identity(recipe), transform=eval_tf,
+            batch_size=recipe.features.batch_size, num_workers=recipe.data.num_workers,
+            cache_dir=Path(cache_dir) if recipe.features.cache else None, forward=forward)
+    cache_state = {role: ("hit" if fs is not None and fs.from_cache else "miss") for role, fs in feats.items()}
+    head_state = None
+    history = []
+    if dist.rank() == 0:
+        probe_cfg = recipe.probe.model_copy(update={"loss": loss})
+        tr = feats["train"]
+        use = tr.ok
+        eval_sets = {role: (fs.features[fs.ok], fs.labels[fs.ok]) for role, fs in feats.items() if role != "train"}
+        res = train_linear_probe(tr.features[use], tr.labels[use], num_classes=splits["train"].num_classes,
+                                 probe=probe_cfg, losses=recipe.losses, seed=recipe.seed,
+                                 idx=torch.nonzero(use).squeeze(1), eval_sets=eval_sets)
+        head_state = {k: v.detach().cpu().float() for k, v in res.head_state.items()}
+        history = res.history
+        for line in history:
+            run.log_metrics({**line, "phase": "lp"})
+    head_state = dist.broadcast_object(head_state)
+    if tuner is not None:
+        tuner.set_head(head_state)
+    else:
+        backbone.head.load_state_dict(head_state)
+    return {"head": head_state, "history": history, "feature_cache": cache_state}
+
+
+def _finish_lp(recipe, run, backbone, probe_out, result, t_start) -> Dict[str, Any]:
+    hist = probe_out["history"]
+    last = hist[-1] if hist else {}
+    best_test = max((h.get("test_acc") for h in hist if h.get("test_acc") is not None), default=None)
+    if dist.rank() == 0 and recipe.output.export_final:
+        train = open_split(recipe.data.shards, recipe.data.train_split)
+        backbone.save_pretrained(run.final, metadata=_export_meta(recipe, train, recipe.probe.epochs - 1))
+    dist.barrier()
+    result.update({"test_accuracy": {"best": best_test, "last": last.get("test_acc")},
+                   "val_accuracy": {"best": max((h.get("val_acc") for h in hist if h.get("val_acc") is not None), default=None),
+                                    "last": last.get("val_acc")},
+                   "wall_time_s": time.time() - t_start,
+                   "final": str(run.final) if recipe.output.export_final else None})
+    run.write_summary(result)
+    return result
+
+
+def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoch: int):
+    """Per-sample losses (all ranks) -> GMM + balanced subset (rank 0) -> the subset (broadcast)."""
+    from turnctl.cleanse import balanced_subset, select_clean
+
+    out = tuner.per_sample_losses(train, transform=eval_tf, batch_size=recipe.finetune.eval_batch_size,
+                                  num_workers=recipe.data.num_workers)
+    payload = None
+    if dist.rank() == 0:
+        c = recipe.cleanse
+        given, clean, ok = out["cls"].astype(np.int64), out["clean"].astype(np.int64), out["ok"].astype(bool)
+        sel = select_clean(out["loss"], given, num_classes=train.num_classes, tau=c.tau, max_iter=c.gmm_max_iter,
+                           tol=c.gmm_tol, reg_covar=c.gmm_reg_covar, normalize=c.normalize, valid=ok)
+        sub_seed = c.seed if c.seed is not None else _seed_epoch(recipe, epoch)
+        if not c.redraw_each_epoch and c.seed is None:
+            sub_seed = recipe.seed
+        sub = balanced_subset(sel.keep, given, num_classes=train.num_classes, losses=out["loss"],
+                              fallback_k=c.fallback_k, min_per_class=c.min_per_class, seed=sub_seed)
+        for cls_id in sub.fallback_classes:
+            name = train.class_names[cls_id] if cls_id < len(train.class_names) else cls_id
+            log.warning("epoch %d: class %s kept fewer than %d samples; using its %d lowest-loss samples",
+                        epoch, name, c.min_per_class, c.fallback_k)
+        atomic_savez(run.selection_file(epoch), idx=out["idx"], loss=out["loss"].astype(np.float32),
+                     clean_prob=sel.clean_prob.astype(np.float32), selected=sub.selected, keep=sel.keep,
+                     given=given, clean=clean, pred=out["pred"].astype(np.int64), ok=ok,
+                     means=sel.means, variances=sel.variances, weights=sel.weights)
+        stats = {"kept": int(sel.keep.sum()), "selected": int(sub.selected.sum()),
+                 "n_per_class": int(sub.n_per_class), "fallback_classes": [int(x) for x in sub.fallback_classes],
+                 "train_acc_given": float((out["pred"] == given)[ok].mean()) if ok.any() else None}
+        q_keep = selection_quality(sel.keep, given, clean, ok)
+        q_sel = selection_quality(sub.selected, given, clean, ok)
+        if q_keep:
+            stats.update({"kept_precision": q_keep["purity"], "kept_recall": q_keep["recall"],
+                          "selected_purity": q_sel["purity"], "selected_recall": q_sel["recall"],
+                          "train_noise_rate": q_keep["noise_rate"]})
+        payload = {"indices": sub.indices.astype(np.int64), "stats": stats}
+    payload = dist.broadcast_object(payload)
+    return payload["indices"], payload["stats"]
+
+
+def _evaluate_splits(tuner, splits, eval_tf, recipe: Recipe, num_classes: int) -> Dict[str, Any]:
+    from turnctl.finetune import accuracy_report
+
+    evals: Dict[str, Any] = {}
+    for role in ("val", "test"):
+        if role not in splits:
+            continue
+        out = tuner.predict(splits[role], transform=eval_tf, batch_size=recipe.finetune.eval_batch_size,
+                            num_workers=recipe.data.num_workers)
+        if out is not None:
+            # Given labels: what a user has. The test split is never noised, so there they are clean.
+            rep = accuracy_report(out["pred"], out["cls"],
+                                  out["ok"], num_classes=num_classes)
+            evals[f"{role}_accuracy"] = rep["accuracy"]
+    return evals

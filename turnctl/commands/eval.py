@@ -2,13 +2,54 @@
 
 from __future__ import annotations
 
-import click
+from typing import Optional
 
-from turnctl.errors import TurnctlError
+import click
+from rich.table import Table
+
+from turnctl.commands.common import emit_json
+from turnctl.distributed import is_main
+from turnctl.logger import result_console
 
 
 @click.command("eval")
-@click.option("--checkpoint", required=True, type=click.Path())
-def command(checkpoint: str) -> None:
-    """Evaluate a checkpoint."""
-    raise TurnctlError(f"eval {checkpoint}: not available in this build yet")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A run directory (best and last), an export (final/, best/) or a DeepSpeed checkpoint dir.")
+@click.option("--shards", type=click.Path(file_okay=False), default=None,
+              help="Prepared dataset; default: the one the model was trained on.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(0))
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line holding `accuracy`.")
+def command(checkpoint: str, shards: Optional[str], split: str, batch_size: int, workers: int, as_json: bool) -> None:
+    """Top-1, per-class accuracy and the most confused pairs of a trained model.
+
+    \b
+    Examples:
+      turnctl eval --checkpoint runs/clip_l14-20261122-101500            # best and last
+      turnctl eval --checkpoint runs/clip_l14-20261122-101500/final --split val
+      deepspeed --module turnctl eval --checkpoint runs/x/checkpoints --json
+    """
+    from turnctl.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, shards=shards, split=split, batch_size=batch_size,
+                                 num_workers=workers)
+    if not is_main() or result is None:
+        return
+    console = result_console()
+    for label, rep in result["results"].items():
+        table = Table(title=f"{label}: {rep['checkpoint']} on {rep['shards']} [{rep['split']}]")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_row("top-1 accuracy", f"{100 * rep['accuracy']:.2f}%")
+        table.add_row("samples", str(rep["num_samples"]))
+        if rep["undecodable"]:
+            table.add_row("undecodable (excluded)", str(rep["undecodable"]))
+        worst = sorted((a, i) for i, a in enumerate(rep["per_class_accuracy"]) if a is not None)[:3]
+        for a, i in worst:
+            table.add_row(f"worst class {i}", f"{100 * a:.2f}%")
+        for pair in rep["most_confused"][:3]:
+            table.add_row(f"confused {pair['true']} -> {pair['predicted']}", str(pair["count"]))
+        console.print(table)
+    if as_json:
+        emit_json(result)

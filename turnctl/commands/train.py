@@ -54,10 +54,13 @@ def agree_on_recipe(r: Recipe) -> list:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Typed override, e.g. --set finetune.lr=1e-4 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete checkpoint.")
+@click.option("--stop-after", type=click.IntRange(0), default=None, metavar="E",
+              help="Stop cleanly after fine-tuning epoch E is checkpointed (time-limited jobs; then --resume).")
 @click.option("--dry-run", is_flag=True, help="Resolve and validate the recipe, print it, train nothing.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 def command(recipe_name: str, shards: Optional[str], out: Optional[str], method: Optional[str],
-            overrides: Tuple[str, ...], resume: bool, dry_run: bool, as_json: bool) -> None:
+            overrides: Tuple[str, ...], resume: bool, stop_after: Optional[int], dry_run: bool,
+            as_json: bool) -> None:
     """Train with TURN (or another --method) from a recipe.
 
     \b
@@ -86,6 +89,6 @@ def command(recipe_name: str, shards: Optional[str], out: Optional[str], method:
         return
     from turnctl.runner import train_from_recipe
 
-    result = train_from_recipe(r, resume=resume)
+    result = train_from_recipe(r, resume=resume, stop_after=stop_after)
     if is_main() and as_json:
         emit_json(result)

@@ -1,0 +1,106 @@
+"""TURN end to end with the `tiny` recipe on two CPU ranks (ZeRO-2 and ZeRO-3), eval, resume."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launch import check, deepspeed_cmd, last_json, run, turnctl_cmd
+
+pytestmark = pytest.mark.multirank
+
+NUM_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def toy_shards(tmp_path_factory):
+    from shardgen import write_toy_shards
+
+    out = tmp_path_factory.mktemp("shards") / "toy"
+    # Uneven shards (the last one short) and a split size that 2 ranks do not divide evenly.
+    write_toy_shards(out, counts={"train": [40, 40, 37], "val": [24], "test": [20, 20]},
+                     num_classes=NUM_CLASSES, image_size=16, seed=0, noise_rate=0.4)
+    return out
+
+
+def _train(shards, out, *extra, stage=2, timeout=420):
+    args = ["train", "--recipe", "tiny", "--shards", str(shards), "--out", str(out), "--json",
+            "--set", f"deepspeed.zero_stage={stage}", "--set", "deepspeed.stage3_param_persistence_threshold=0",
+            "--set", "data.num_workers=0", *extra]
+    return check(run(deepspeed_cmd(args), timeout=timeout))
+
+
+def _metrics(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_run(run_dir, num_train):
+    lines = _metrics(run_dir)
+    lp = [l for l in lines if l["phase"] == "lp"]
+    fft = [l for l in lines if l["phase"] == "fft"]
+    assert len(lp) == 5 and len(fft) == 2
+    for e, line in enumerate(fft):
+        assert line["epoch"] == e
+        sel = np.load(Path(run_dir) / "selection" / f"epoch_{e}.npz")
+        # Every idx exactly once, in order.
+        assert np.array_equal(np.sort(sel["idx"]), np.arange(num_train))
+        assert len(sel["idx"]) == num_train
+        selected = sel["selected"].astype(bool)
+        assert selected.sum() == line["selected"] > 0
+        # Class-balanced (no fallback class in this data): the same count for every class.
+        per_class = np.bincount(sel["given"][selected], minlength=NUM_CLASSES)
+        if not line["fallback_classes"]:
+            assert len(set(per_class.tolist())) == 1, per_class
+        assert set(selected.nonzero()[0]) <= set(sel["keep"].nonzero()[0]) | set()
+        assert 0.0 <= line["selected_purity"] <= 1.0
+        assert "test_accuracy" in line and "val_accuracy" in line
+    assert (Path(run_dir) / "final" / "config.json").is_file()
+    assert (Path(run_dir) / "final" / "model.safetensors").is_file()
+    assert (Path(run_dir) / "recipe.yaml").is_file()
+    return lines
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_turn_two_ranks_then_eval_reproduces_the_last_accuracy(toy_shards, tmp_path, stage):
+    out = tmp_path / f"run-z{stage}"
+    result = last_json(_train(toy_shards, out, stage=stage).stdout)
+    lines = _check_run(out, 117)
+    assert result["test_accuracy"]["last"] == pytest.approx(lines[-1]["test_accuracy"])
+    ev = last_json(check(run(turnctl_cmd(["eval", "--checkpoint", str(out / "final"), "--json"]),
+                             timeout=180)).stdout)
+    assert ev["accuracy"] == pytest.approx(lines[-1]["test_accuracy"], abs=1e-6)
+
+
+def test_resume_after_first_epoch_matches_uninterrupted(toy_shards, tmp_path):
+    full = tmp_path / "full"
+    _train(toy_shards, full)
+    part = tmp_path / "part"
+    stopped = last_json(_train(toy_shards, part, "--stop-after", "0").stdout)
+    assert stopped["stopped_after_epoch"] == 0
+    assert not (part / "selection" / "epoch_1.npz").exists()
+    _train(toy_shards, part, "--resume")
+    for e in (0, 1):
+        a = np.load(full / "selection" / f"epoch_{e}.npz")
+        b = np.load(part / "selection" / f"epoch_{e}.npz")
+        assert np.array_equal(a["selected"], b["selected"])
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
+    fa, fb = _metrics(full)[-1], _metrics(part)[-1]
+    assert fa["test_accuracy"] == pytest.approx(fb["test_accuracy"])
+    assert fa["train_loss"] == pytest.approx(fb["train_loss"], rel=1e-5)
+
+
+def test_resume_refuses_a_different_recipe(toy_shards, tmp_path):
+    out = tmp_path / "r"
+    _train(toy_shards, out, "--stop-after", "0")
+    res = run(turnctl_cmd(["train", "--recipe", "tiny", "--shards", str(toy_shards), "--out", str(out),
+                           "--resume", "--set", "finetune.lr=0.5"]), timeout=120)
+    assert res.returncode == 2
+    assert "recipe differs" in res.stderr
+
+
+def test_num_classes_mismatch_is_a_clear_error(toy_shards, tmp_path):
+    res = run(turnctl_cmd(["train", "--recipe", "tiny", "--shards", str(toy_shards), "--out", str(tmp_path / "x"),
+                           "--set", "data.num_classes=7"]), timeout=120)
+    assert res.returncode == 2
+    assert "data.num_classes=7 but the shards" in res.stderr

@@ -1,0 +1,121 @@
+"""Evaluate a trained model on prepared shards: top-1, per-class accuracy, most confused pairs.
+
+Accepts what training leaves behind: a run directory (evaluates ``best/`` and ``final/`` = last), an
+export directory (``final/``, ``best/``: Hugging Face format), or a DeepSpeed checkpoint directory
+(``<run>/checkpoints`` or one ``epoch_E`` tag in it; consolidated to fp32 with DeepSpeed's
+``zero_to_fp32``, the run's ``recipe.yaml`` rebuilds the model). Runs on one or more ranks: every
+rank evaluates its share and rank 0 gathers by idx.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from turnctl import distributed as dist
+from turnctl.errors import TurnctlError
+from turnctl.lockstep import per_sample_pass, run_device
+from turnctl.shards import open_split
+
+
+def _is_export(path: Path) -> bool:
+    return (path / "turnctl.json").is_file()
+
+
+def _is_ds_checkpoint(path: Path) -> bool:
+    return (path / "latest").is_file() or any(path.glob("*model_states.pt"))
+
+
+def resolve_targets(checkpoint: Path) -> List[Tuple[str, Path]]:
+    """(label, path) pairs to evaluate for a --checkpoint argument."""
+    p = Path(checkpoint)
+    if not p.exists():
+        raise TurnctlError(f"--checkpoint {p}: no such file or directory")
+    if _is_export(p) or _is_ds_checkpoint(p):
+        return [(p.name, p)]
+    if (p / "recipe.yaml").is_file():  # a run directory
+        targets = [(name, p / name) for name in ("best", "final") if _is_export(p / name)]
+        if not targets and (p / "checkpoints").is_dir():
+            targets = [("last", p / "checkpoints")]
+        if targets:
+            return [("last" if n == "final" else n, t) for n, t in targets]
+    raise TurnctlError(f"--checkpoint {p}: not a run directory, an export (final/, best/) or a DeepSpeed "
+                       "checkpoint directory")
+
+
+def load_model(path: Path):
+    """A Backbone (with its classifier) from an export or a DeepSpeed checkpoint, plus its metadata."""
+    from turnctl.backbones import load_backbone, load_exported
+
+    if _is_export(path):
+        model = load_exported(path)
+        return model, dict(getattr(model, "metadata", {}) or {})
+    # DeepSpeed checkpoint: <run>/checkpoints[/epoch_E]
+    ckpt_root = path if (path / "latest").is_file() else path.parent
+    tag = None if ckpt_root == path else path.name
+    run_dir = ckpt_root.parent
+    if not (run_dir / "recipe.yaml").is_file():
+        raise TurnctlError(f"--checkpoint {path}: cannot find the run's recipe.yaml at {run_dir}")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from turnctl.recipe import load_recipe
+
+    recipe = load_recipe(str(run_dir / "recipe.yaml"))
+    info = open_split(recipe.data.shards, recipe.data.train_split)
+    model = load_backbone(recipe.model, num_classes=info.num_classes)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if "num_batches_tracked" not in k] or unexpected:
+        raise TurnctlError(f"--checkpoint {path}: weights do not match the recipe's model "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, {"shards": recipe.data.shards, "class_names": list(info.class_names), "method": recipe.method}
+
+
+def evaluate_model(model, shards: str, split: str, *, batch_size: int = 256, num_workers: int = 1) -> Optional[Dict[str, Any]]:
+    """Accuracy report of ``model`` on ``shards/split`` (rank 0; None on other ranks). Collective."""
+    from turnctl.finetune import accuracy_report
+    from turnctl.transforms import eval_transform
+
+    info = open_split(shards, split)
+    head = getattr(model, "num_classes", None)
+    if head is not None and head != info.num_classes:
+        raise TurnctlError(f"the model has {head} classes but {shards} has {info.num_classes}; pass the right --shards")
+    device = run_device()
+    model = model.to(device).eval()
+
+    def forward(x):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return model(x)
+
+    out = per_sample_pass(forward, info, transform=eval_transform(model.preprocess), batch_size=batch_size,
+                          num_workers=num_workers, device=device, dst=0, what="eval",
+                          collect=lambda logits, b: {"pred": logits.float().argmax(1)})
+    if out is None:
+        return None
+    rep = accuracy_report(out["pred"], out["cls"], out["ok"], num_classes=info.num_classes,
+                          class_names=info.class_names)
+    rep.update({"split": split, "shards": str(shards)})
+    return rep
+
+
+def evaluate_checkpoint(checkpoint: str, *, shards: Optional[str] = None, split: str = "test",
+                        batch_size: int = 256, num_workers: int = 1) -> Optional[Dict[str, Any]]:
+    """Evaluate every target of ``checkpoint``; the result (rank 0) has ``accuracy`` (the last model's)."""
+    dist.init_distributed(30.0)
+    results: Dict[str, Any] = {}
+    for label, path in resolve_targets(Path(checkpoint)):
+        model, meta = load_model(path)
+        data = shards or meta.get("shards")
+        if not data:
+            raise TurnctlError(f"{path}: no shards recorded in the checkpoint; pass --shards DIR")
+        rep = evaluate_model(model, data, split, batch_size=batch_size, num_workers=num_workers)
+        if rep is not None:
+            rep["checkpoint"] = str(path)
+            results[label] = rep
+    if dist.rank() != 0:
+        return None
+    order = [k for k in ("last", "final", "best") if k in results] or list(results)
+    main = results[order[0]]
+    return {"accuracy": main["accuracy"], "results": results}

@@ -1,0 +1,88 @@
+"""One pass over a split, every rank its share, in lockstep, gathered by idx.
+
+Feature extraction, TURN's per-sample loss pass and evaluation are the same loop: run a forward over
+every sample of a split exactly once across ranks, collect per-sample outputs, and gather them keyed
+by ``idx`` with a coverage check. Ranks run the *same number* of forwards (the reader pads short
+ranks with rows whose idx is -1), because under ZeRO-3 a forward is itself a collective.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from turnctl import distributed as dist
+from turnctl.logger import track
+from turnctl.shards import SplitInfo, exact_loader
+
+Collect = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
+
+
+def run_device() -> torch.device:
+    """The device this rank computes on: its local GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.env_local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def per_sample_pass(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    info: SplitInfo,
+    *,
+    transform,
+    batch_size: int,
+    num_workers: int,
+    collect: Collect,
+    device: Optional[torch.device] = None,
+    input_dtype: torch.dtype = torch.float32,
+    dst: Optional[int] = None,
+    what: str = "pass",
+) -> Optional[Dict[str, np.ndarray]]:
+    """Run ``forward`` over every sample of ``info`` once and gather ``collect``'s outputs by idx.
+
+    ``collect(output, batch)`` returns per-row tensors; ``cls``, ``clean`` and ``ok`` from the
+    shards are always gathered too. Returns numpy arrays in idx order on every rank (``dst=None``)
+    or on rank ``dst`` only (None elsewhere).
+
+    >>> out = per_sample_pass(model, info, transform=t, batch_size=256, num_workers=2,
+    ...                       collect=lambda logits, b: {"pred": logits.argmax(1)})  # doctest: +SKIP
+    >>> out["pred"].shape == (info.num_samples,)  # doctest: +SKIP
+    """
+    device = device or run_device()
+    loader = exact_loader(info, transform=transform, batch_size=batch_size, rank=dist.rank(),
+                          world_size=dist.world_size(), num_workers=num_workers)
+    chunks: Dict[str, list] = {}
+    idx_chunks = []
+    for batch in track(loader, f"{what} [{info.split}]", total=loader.steps):
+        x = batch["image"].to(device=device, dtype=input_dtype, non_blocking=True)
+        output = forward(x)
+        real = batch["idx"] >= 0
+        if not bool(real.any()):
+            continue  # a padding batch: its forward only kept ZeRO-3's collectives in step
+        values = dict(collect(output, batch))
+        values.update(cls=batch["cls"], clean=batch["clean"], ok=batch["ok"])
+        for k, v in values.items():
+            chunks.setdefault(k, []).append(v.detach().cpu()[real])
+        idx_chunks.append(batch["idx"][real])
+    if idx_chunks:
+        idx = torch.cat(idx_chunks)
+        local = {k: torch.cat(v) for k, v in chunks.items()}
+    else:  # a rank that only padded (more ranks than shards) still joins every gather
+        idx = torch.zeros(0, dtype=torch.long)
+        local = None
+    local = _agree_on_schema(local)
+    return dist.gather_by_idx(idx, local, num_samples=info.num_samples, what=f"{what} [{info.split}]", dst=dst)
+
+
+def _agree_on_schema(local: Optional[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """A rank without samples needs empty tensors of the right shape and dtype for the gathers."""
+    schema = None if local is None else {k: (tuple(v.shape[1:]), v.dtype) for k, v in local.items()}
+    schemas = [s for s in dist.all_gather_object(schema) if s is not None]
+    if not schemas:
+        raise RuntimeError("no rank produced any sample")
+    if local is not None:
+        return local
+    return {k: torch.zeros((0,) + shape, dtype=dtype) for k, (shape, dtype) in schemas[0].items()}

@@ -1,0 +1,166 @@
+"""The run directory: the resolved recipe, metrics, selections, checkpoints and exports of one run.
+
+    <run>/recipe.yaml            the resolved recipe (what --resume checks against)
+    <run>/metrics.jsonl          one line per LP epoch and per FFT epoch
+    <run>/selection/epoch_E.npz  idx, loss, clean_prob, selected (+ keep, given, clean, pred)
+    <run>/checkpoints/epoch_E/   DeepSpeed checkpoints (every rank's shard), the last K kept
+    <run>/final/  <run>/best/    Hugging Face exports (config + safetensors, classifier included)
+    <run>/summary.json           the run's result, written last
+
+Only rank 0 writes these files (DeepSpeed checkpoints excepted), always to a temporary name that is
+then renamed, so an interrupted run never leaves a half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from turnctl import distributed as dist
+from turnctl.errors import TurnctlError
+from turnctl.logger import log
+from turnctl.recipe import Recipe
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    from turnctl.commands.common import _jsonable
+
+    atomic_write_text(path, json.dumps(_jsonable(payload), indent=2) + "\n")
+
+
+def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _comparable(recipe: Recipe) -> Dict[str, Any]:
+    d = recipe.model_dump(mode="json")
+    d["output"].pop("dir", None)
+    return d
+
+
+class RunDir:
+    """Paths and rank-0 writers of one run; created collectively so every rank agrees on it."""
+
+    def __init__(self, path: Path, recipe: Recipe):
+        self.path = Path(path)
+        self.recipe = recipe
+        self.history: List[Dict[str, Any]] = []
+        self._tb = None
+
+    @classmethod
+    def open(cls, recipe: Recipe, *, resume: bool) -> "RunDir":
+        """Create (or, with resume, reopen) the run directory. Collective."""
+        if dist.rank() == 0:
+            if recipe.output.dir:
+                path = Path(recipe.output.dir)
+            elif resume:
+                path = None
+            else:
+                path = Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            problem = None
+            if path is None:
+                problem = "--resume needs the run to continue: pass --out RUN_DIR"
+            elif resume and not (path / "recipe.yaml").is_file():
+                problem = f"--resume: {path} holds no run (no recipe.yaml)"
+            elif not resume and path.exists() and any(path.iterdir()):
+                problem = f"run directory {path} is not empty; pass --resume to continue it or choose another --out"
+            if problem is None and resume:
+                from turnctl.recipe import load_recipe
+
+                saved = load_recipe(str(path / "recipe.yaml"))
+                if _comparable(saved) != _comparable(recipe):
+                    problem = (f"--resume: the recipe differs from the one saved in {path / 'recipe.yaml'}; "
+                               "resume with the same recipe and --set overrides")
+            decision = {"path": str(path) if path else None, "problem": problem}
+        else:
+            decision = None
+        decision = dist.broadcast_object(decision)
+        if decision["problem"]:
+            raise TurnctlError(decision["problem"])
+        run = cls(Path(decision["path"]), recipe)
+        if dist.rank() == 0:
+            run.path.mkdir(parents=True, exist_ok=True)
+            resolved = recipe.model_copy(deep=True)
+            resolved.output.dir = str(run.path)
+            atomic_write_text(run.path / "recipe.yaml", resolved.to_yaml())
+        dist.barrier()
+        return run
+
+    # ---- paths ----
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best"
+
+    def selection_file(self, epoch: int) -> Path:
+        return self.path / "selection" / f"epoch_{epoch}.npz"
+
+    # ---- rank-0 writers ----
+    def reset_history(self, history: List[Dict[str, Any]]) -> None:
+        self.history = list(history)
+        if dist.rank() == 0:
+            self._flush()
+
+    def log_metrics(self, line: Dict[str, Any]) -> None:
+        """Append one metrics line (rank 0; rewritten atomically, so it is never half a line)."""
+        if dist.rank() != 0:
+            return
+        line = dict(line, time=time.time())
+        self.history.append(line)
+        self._flush()
+        self._tensorboard(line)
+
+    def _flush(self) -> None:
+        from turnctl.commands.common import _jsonable
+
+        atomic_write_text(self.path / "metrics.jsonl",
+                          "".join(json.dumps(_jsonable(h)) + "\n" for h in self.history))
+
+    def _tensorboard(self, line: Dict[str, Any]) -> None:
+        if not self.recipe.output.tensorboard:
+            return
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional extra: say so once
+                log.info("tensorboard is not installed; metrics go to metrics.jsonl only")
+                self.recipe.output.tensorboard = False
+                return
+            self._tb = SummaryWriter(str(self.path / "tensorboard"))
+        step = line.get("epoch", 0)
+        for k, v in line.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "time"):
+                self._tb.add_scalar(f"{line.get('phase', 'run')}/{k}", v, step)
+        self._tb.flush()
+
+    def write_summary(self, summary: Dict[str, Any]) -> None:
+        if dist.rank() == 0:
+            atomic_write_json(self.path / "summary.json", summary)
