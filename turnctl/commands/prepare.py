@@ -2,13 +2,89 @@
 
 from __future__ import annotations
 
-import click
+from typing import Any, Dict, Optional
 
-from turnctl.errors import TurnctlError
+import click
+from rich.table import Table
+
+from turnctl.commands.common import emit_json
+from turnctl.logger import result_console
+from turnctl.prepare import DATASETS, DEFAULT_SHARD_SIZE, prepare_dataset
+from turnctl.prepare.noise import SYMMETRIC_DEFAULT
+
+
+def _summary(result: Dict[str, Any]) -> Dict[str, Any]:
+    """The JSON result: everything but the per-sample lists and the transition matrix."""
+    m = result["manifest"]
+    noise = {k: v for k, v in m["noise"].items() if k not in ("transition_matrix", "targets")}
+    splits = {name: {"count": s["count"], "shards": len(s["shards"]), "noised": s["noised"],
+                     "realised_noise_rate": s["realised_noise_rate"], "skipped": s["skipped"]["count"]}
+              for name, s in m["splits"].items()}
+    return {"out": result["out"], "dataset": m["dataset"], "num_classes": m["num_classes"], "splits": splits,
+            "noise": noise, "seconds": round(result["seconds"], 3),
+            "images_per_s": round(result["images_per_s"], 1)}
+
+
+def _rate(r: Optional[float]) -> str:
+    return "-" if r is None else f"{100 * r:.2f}%"
 
 
 @click.command("prepare")
-@click.argument("dataset")
-def command(dataset: str) -> None:
-    """Write DATASET as WebDataset shards."""
-    raise TurnctlError(f"prepare {dataset}: not available in this build yet")
+@click.argument("dataset", type=click.Choice(DATASETS))
+@click.option("--root", type=click.Path(), default=None,
+              help="Raw dataset folder. Default: $TURNCTL_DATA/<dataset>, else ./data/<dataset>.")
+@click.option("--out", type=click.Path(), default=None,
+              help="Output folder. Default: shards/<dataset>[-<noise slug>].")
+@click.option("--noise", "noise", metavar="SPEC", default=None,
+              help="none | symmetric:R[:include|exclude] (default convention: "
+                   f"{SYMMETRIC_DEFAULT}, i.e. the new label may equal the true one) | "
+                   "asymmetric:R[:superclass] | instance:R | human:NAME (with --labels) | file:CSV.")
+@click.option("--noise-seed", type=int, default=0, show_default=True, help="Seed of the noise generator.")
+@click.option("--labels", "labels", type=click.Path(), default=None,
+              help="CIFAR-N label file (CIFAR-10_human.pt / CIFAR-100_human.pt) for --noise human:NAME.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,
+              help="Samples per shard (the last shard of a split may be short).")
+@click.option("--max-side", type=click.IntRange(min=1), default=None,
+              help="Shrink images whose longer side exceeds this (re-encoded); default: keep the bytes.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Encoding processes. Default: min(4, CPUs).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new one is complete).")
+@click.option("--classes", type=click.IntRange(min=1), default=None,
+              help="webvision only: keep the first N classes, Google part (mini-WebVision: 50).")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
+def command(dataset: str, root: Optional[str], out: Optional[str], noise: Optional[str], noise_seed: int,
+            labels: Optional[str], shard_size: int, max_side: Optional[int], workers: Optional[int],
+            overwrite: bool, classes: Optional[int], as_json: bool) -> None:
+    """Write DATASET as WebDataset shards with reproducible label noise.
+
+    \b
+    The test split is never noised; val gets the same noise as train.
+    Examples:
+      turnctl prepare digits --noise symmetric:0.6      -> shards/digits-symmetric-0.6
+      turnctl prepare cifar100 --noise asymmetric:0.4
+      turnctl prepare cifar10 --noise human:worse --labels CIFAR-10_human.pt
+      turnctl prepare webvision --classes 50 --max-side 256
+    """
+    result = prepare_dataset(dataset, root=root, out=out, noise=noise, noise_seed=noise_seed, labels=labels,
+                             shard_size=shard_size, max_side=max_side, workers=workers, overwrite=overwrite,
+                             classes=classes)
+    summary = _summary(result)
+    if as_json:
+        emit_json(summary)
+        return
+    n = summary["noise"]
+    title = f"{summary['out']}  ({summary['dataset']}, {summary['num_classes']} classes)"
+    table = Table(title=title)
+    for col in ("split", "samples", "shards", "noised", "noise rate", "skipped"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, s in summary["splits"].items():
+        table.add_row(name, f"{s['count']:,}", str(s["shards"]), "yes" if s["noised"] else "no",
+                      _rate(s["realised_noise_rate"]), str(s["skipped"]))
+    console = result_console()
+    console.print(table)
+    if n["kind"] != "none":
+        conv = f", {n['convention']}" if n.get("convention") else ""
+        console.print(f"noise {n['spec']}{conv}, seed {n['seed']}: realised {_rate(n['realised_noise_rate'])}"
+                      f" (expected {_rate(n.get('expected_noise_rate'))}) on {', '.join(n['applies_to'])}")
+    console.print(f"{sum(s['count'] for s in summary['splits'].values()):,} images in "
+                  f"{summary['seconds']:.1f} s ({summary['images_per_s']:.0f} images/s)")

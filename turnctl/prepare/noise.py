@@ -27,7 +27,8 @@ Conventions (recorded in the manifest):
   true class c; p_i = q_i * softmax(x_i W_{y_i}) with the true class excluded, p_{i,y_i} = 1 - q_i;
   the new label is drawn from p_i. x_i is the flattened image scaled to [0, 1] and standardised
   per dimension over the noised samples (Xia normalises per channel); as in their code the logits
-  are not temperature-scaled, so the wrong label is close to the argmax of x_i W_{y_i}.
+  are not temperature-scaled, so the wrong label is close to the argmax of x_i W_{y_i}. Note that
+  ``instance:0`` is not clean: the truncated N(0, 0.1) still has mean 0.08.
 - ``human:<name>`` and ``file:<csv>`` replace labels from a file (see :mod:`turnctl.prepare.labels`).
 """
 

@@ -1,0 +1,398 @@
+"""``prepare_dataset``: raw layout -> :class:`Source` -> noisy labels -> shards -> manifest (last).
+
+    >>> r = prepare_dataset("digits", out="/tmp/digits-demo", noise="symmetric:0.6", overwrite=True)  # doctest: +SKIP
+    >>> r["manifest"]["splits"]["train"]["count"], r["manifest"]["noise"]["convention"]  # doctest: +SKIP
+    (1258, 'include')
+
+Noise is drawn once over train + val together (the same process for both, so val measures what
+the training labels look like); the test split keeps its true labels. The noise is a function of
+(dataset, spec, seed) only: neither ``--workers`` nor ``--shard-size`` changes a label or a byte of
+an image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import functools
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+
+from turnctl import __version__
+from turnctl.errors import DataError, TurnctlError
+from turnctl.logger import log, track
+from turnctl.prepare import images, noise as nz
+from turnctl.prepare.labels import load_csv_labels, load_human_labels
+from turnctl.prepare.source import Source, Split
+from turnctl.prepare.writer import SplitWriter, check_out, commit_dir, staging_dir, write_json
+
+DATASETS = ("digits", "cifar10", "cifar100", "fashion-mnist", "clothing1m", "webvision", "imagefolder")
+FORMAT = "turnctl-shards/1"
+DEFAULT_SHARD_SIZE = 5000
+NOISED_SPLITS = ("train", "val")
+FASHION_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
+_MIN_POOL_ITEMS = 256  # below this a process pool costs more than it saves
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def default_root(dataset: str) -> Optional[Path]:
+    """``$TURNCTL_DATA/<dataset>``, else ``./data/<dataset>`` (Fashion-MNIST falls back to Debian's
+    ``/usr/share/datasets/fashion-mnist`` when ``./data/fashion-mnist`` is absent); None for digits.
+
+    >>> import os; os.environ.pop("TURNCTL_DATA", None) and None
+    >>> str(default_root("cifar10"))
+    'data/cifar10'
+    """
+    if dataset == "digits":
+        return None
+    env = os.environ.get("TURNCTL_DATA")
+    if env:
+        return Path(env) / dataset
+    local = Path("data") / dataset
+    if dataset == "fashion-mnist" and not local.exists():
+        return FASHION_SYSTEM_ROOT
+    return local
+
+
+def default_out(dataset: str, spec: nz.NoiseSpec, *, classes: Optional[int] = None) -> Path:
+    """``shards/<dataset>[-<noise slug>]`` (``webvision<N>`` with ``--classes N``).
+
+    >>> str(default_out("digits", nz.parse_spec("symmetric:0.6")))
+    'shards/digits-symmetric-0.6'
+    >>> str(default_out("cifar10", nz.parse_spec("human:worse")))
+    'shards/cifar10-human-worse'
+    """
+    name = f"{dataset}{classes}" if classes is not None else dataset
+    return Path("shards") / (f"{name}-{spec.slug}" if spec.slug else name)
+
+
+def load_source(dataset: str, root: Optional[Path], *, classes: Optional[int] = None) -> Source:
+    """Parse the raw layout of ``dataset`` under ``root``."""
+    if dataset in ("cifar10", "cifar100"):
+        from turnctl.prepare.cifar import load_cifar
+        return load_cifar(root, dataset=dataset)
+    if dataset == "digits":
+        from turnctl.prepare.arrays import load_digits_source
+        return load_digits_source()
+    if dataset == "fashion-mnist":
+        from turnctl.prepare.arrays import load_fashion_mnist
+        return load_fashion_mnist(root)
+    from turnctl.prepare import listed
+    if dataset == "clothing1m":
+        return listed.load_clothing1m(root)
+    if dataset == "webvision":
+        return listed.load_webvision(root, classes=classes)
+    if dataset == "imagefolder":
+        return listed.load_imagefolder(root)
+    raise TurnctlError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
+
+
+# -- parallel helpers -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _pool(workers: int, n_items: int) -> Iterator[Any]:
+    if workers <= 1 or n_items < _MIN_POOL_ITEMS:
+        yield None
+        return
+    with multiprocessing.get_context().Pool(workers) as pool:
+        yield pool
+
+
+def _ordered_map(pool: Any, fn: Any, items: Any, n_items: int) -> Iterator[Any]:
+    """``map`` in input order, through ``pool`` when there is one (order keeps bytes deterministic)."""
+    if pool is None:
+        return map(fn, items)
+    return pool.imap(fn, items, chunksize=max(1, min(64, n_items // (4 * pool._processes) or 1)))
+
+
+# -- noise ----------------------------------------------------------------------------------------
+
+def _features(splits: List[Split], workers: int) -> np.ndarray:
+    """Instance-noise inputs: the images themselves (array datasets) or 8x8 thumbnails (files)."""
+    if all(s.is_array for s in splits):
+        return nz.standardise(np.concatenate([s.images for s in splits]))
+    items = [p for s in splits for p in s.images]
+    thumbs = []
+    with _pool(workers, len(items)) as pool:
+        for t in track(_ordered_map(pool, images.thumbnail, items, len(items)), "thumbnails", total=len(items)):
+            thumbs.append(t if t is not None else np.zeros((images.THUMB_SIDE,) * 2 + (3,), np.uint8))
+    return nz.standardise(np.stack(thumbs))
+
+
+def _coarse_of(source: Source) -> Optional[Dict[int, int]]:
+    pairs: Dict[int, int] = {}
+    for s in source.splits.values():
+        if s.coarse is None:
+            return None
+        for fine, coarse in zip(s.labels.tolist(), s.coarse.tolist()):
+            if pairs.setdefault(fine, coarse) != coarse:
+                raise DataError(f"{source.dataset}: fine class {fine} appears under superclasses "
+                                f"{pairs[fine]} and {coarse}; the coarse labels are inconsistent")
+    return pairs
+
+
+def _file_labels(source: Source, spec: nz.NoiseSpec, noised: List[Split]) -> List[np.ndarray]:
+    table = load_csv_labels(Path(spec.path), num_classes=source.num_classes)
+    wanted = {k for s in noised for k in s.keys}
+    test_keys = {k for name, s in source.splits.items() if name not in NOISED_SPLITS for k in s.keys}
+    unknown = [k for k in table if k not in wanted and k not in test_keys]
+    if unknown:
+        raise DataError(f"{spec.path}: key {unknown[0]!r} is not a sample of {source.dataset} "
+                        f"({len(unknown)} unknown key{'s' if len(unknown) > 1 else ''})")
+    missing = [k for s in noised for k in s.keys if k not in table]
+    if missing:
+        raise DataError(f"{spec.path}: no label for key {missing[0]!r} ({len(missing)} train/val "
+                        f"sample{'s' if len(missing) > 1 else ''} missing)")
+    ignored = sum(1 for k in table if k in test_keys)
+    if ignored:
+        log.warning("%s: ignored %d labels of test samples (the test split is never noised)", spec.path, ignored)
+    return [np.array([table[k] for k in s.keys], dtype=np.int64) for s in noised]
+
+
+def _human_labels(source: Source, spec: nz.NoiseSpec, noised: List[Split], labels_file: Optional[Path]
+                  ) -> Tuple[List[np.ndarray], Dict[str, Any]]:
+    if labels_file is None:
+        raise TurnctlError(f"--noise {spec.text} needs --labels FILE (e.g. CIFAR-10_human.pt or CIFAR-100_human.pt)")
+    n = source.info.get("official_train_count")
+    if n is None or any(s.positions is None for s in noised):
+        raise TurnctlError(f"--noise {spec.text}: human labels index the original CIFAR training order; "
+                           f"{source.dataset} has none (use file:<csv> for labels by key)")
+    labels, key, clean = load_human_labels(labels_file, name=spec.name, num_samples=n,
+                                           num_classes=source.num_classes)
+    for s in noised:  # the file's own clean labels must be this dataset's, in this order
+        if clean is not None:
+            bad = np.flatnonzero(clean[s.positions] != s.labels)
+            if len(bad):
+                p = int(s.positions[bad[0]])
+                raise DataError(f"{labels_file}: clean_label[{p}] = {int(clean[p])} but {source.dataset} "
+                                f"training image {p} is labelled {int(s.labels[bad[0]])} (wrong file or order)")
+    return [labels[s.positions] for s in noised], {"label_file": str(labels_file), "label_set": key}
+
+
+def apply_noise(source: Source, spec: nz.NoiseSpec, *, seed: int, labels_file: Optional[Path] = None,
+                workers: int = 1) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """Given labels for every split and what to record about the noise (before any image is read)."""
+    given = {name: s.labels.copy() for name, s in source.splits.items()}
+    noised = [s for name, s in source.splits.items() if name in NOISED_SPLITS]
+    record: Dict[str, Any] = {"spec": spec.text, "kind": spec.kind, "rate": spec.rate,
+                              "convention": spec.convention, "seed": seed,
+                              "applies_to": [s.name for s in noised] if spec.kind != "none" else [],
+                              "note": "val gets the same noise process as train (one draw over train+val, "
+                                      "in that order); the test split is never noised"}
+    if labels_file is not None and spec.kind != "human":
+        raise TurnctlError("--labels is only used with --noise human:<name> (use --noise file:<csv> for a CSV)")
+    if spec.kind == "none" or not noised:
+        return given, record
+    base = np.concatenate([s.labels for s in noised])
+    rng = np.random.default_rng(seed)
+    C = source.num_classes
+    if spec.kind == "symmetric":
+        new = nz.symmetric(base, rate=spec.rate, num_classes=C, rng=rng, convention=spec.convention)
+    elif spec.kind == "asymmetric":
+        if spec.convention == "superclass":
+            coarse_of = _coarse_of(source)
+            if coarse_of is None:
+                raise TurnctlError(f"--noise {spec.text}: needs superclass labels, which only cifar100 has")
+            targets = nz.asymmetric_targets(num_classes=C, family="superclass", coarse_of=coarse_of)
+        else:
+            targets = nz.asymmetric_targets(num_classes=C, family=source.asymmetric_family)
+            record["convention"] = {"cifar10": "cifar10-pairs", "cifar100": "blocks-of-5"}.get(
+                source.asymmetric_family, "pair-flip c->c+1")
+        record["targets"] = targets.tolist()
+        new = nz.asymmetric(base, rate=spec.rate, targets=targets, rng=rng)
+        record["expected_noise_rate"] = nz.expected_rate(spec, num_classes=C, targets=targets,
+                                                         class_counts=np.bincount(base, minlength=C))
+    elif spec.kind == "instance":
+        log.info("instance noise: computing per-sample features")
+        feats = _features(noised, workers)
+        new = nz.instance(base, rate=spec.rate, features=feats, num_classes=C, rng=rng)
+        record["std"] = nz.INSTANCE_STD
+        record["features"] = ("flattened image" if all(s.is_array for s in noised) else
+                              f"{images.THUMB_SIDE}x{images.THUMB_SIDE} RGB thumbnail") + \
+            " scaled to [0,1], standardised per dimension over train+val"
+    elif spec.kind == "human":
+        parts, extra = _human_labels(source, spec, noised, labels_file)
+        record.update(extra)
+        new = np.concatenate(parts)
+    elif spec.kind == "file":
+        new = np.concatenate(_file_labels(source, spec, noised))
+        record["label_file"] = spec.path
+    else:  # pragma: no cover - parse_spec guards this
+        raise TurnctlError(f"unknown noise kind {spec.kind}")
+    if "expected_noise_rate" not in record:
+        record["expected_noise_rate"] = nz.expected_rate(spec, num_classes=C)
+    start = 0
+    for s in noised:
+        given[s.name] = new[start:start + len(s)]
+        start += len(s)
+    return given, record
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+def _write_split(split: Split, given: np.ndarray, directory: Path, *, shard_size: int, max_side: Optional[int],
+                 pool: Any) -> Tuple[List[Dict[str, Any]], np.ndarray, List[Dict[str, str]]]:
+    writer = SplitWriter(directory, split.name, shard_size=shard_size)
+    load = functools.partial(images.load_sample, max_side=max_side)
+    kept: List[int] = []
+    skipped: List[Dict[str, str]] = []
+    results = _ordered_map(pool, load, split.images, len(split))
+    for i, (ext, payload) in enumerate(track(results, f"writing {split.name}", total=len(split))):
+        if ext is None:
+            skipped.append({"key": split.keys[i], "path": str(split.images[i]), "reason": payload})
+            log.debug("skipping unreadable %s: %s", split.images[i], payload)
+            continue
+        clean = None if split.clean is None else int(split.clean[i])
+        writer.add(split.keys[i], ext, payload, idx=writer.count, label=int(given[i]), clean=clean)
+        kept.append(i)
+    shards = writer.close()
+    if skipped:
+        log.warning("%s: skipped %d unreadable image%s (first: %s: %s)", split.name, len(skipped),
+                    "s" if len(skipped) > 1 else "", skipped[0]["path"], skipped[0]["reason"])
+    if writer.count == 0:
+        raise DataError(f"{split.name}: no readable image (first failure: {skipped[0]['path']}: {skipped[0]['reason']})")
+    return shards, np.asarray(kept, dtype=np.int64), skipped
+
+
+def _rate(true: np.ndarray, given: np.ndarray) -> Optional[float]:
+    r = nz.realised_rate(true, given)
+    return None if r is None else round(r, 6)
+
+
+def _split_record(split: Split, given: np.ndarray, kept: np.ndarray, shards: List[Dict[str, Any]],
+                  skipped: List[Dict[str, str]], *, num_classes: int, noised: bool) -> Dict[str, Any]:
+    g = given[kept]
+    c = None if split.clean is None else split.clean[kept]
+    known = np.zeros(len(g), bool) if c is None else c >= 0
+    return {
+        "count": int(len(g)),
+        "shards": [s["file"] for s in shards],
+        "per_class_given": np.bincount(g, minlength=num_classes).tolist(),
+        "per_class_clean": np.bincount(c[known], minlength=num_classes).tolist() if known.any() else None,
+        "has_clean": bool(known.any()),
+        "clean_known": int(known.sum()),
+        "noised": noised,
+        "realised_noise_rate": _rate(c[known], g[known]) if known.any() else None,
+        "skipped": {"count": len(skipped), "items": skipped},
+    }
+
+
+def _noise_summary(record: Dict[str, Any], source: Source, given: Dict[str, np.ndarray],
+                   kept: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    trues, gives, bases = [], [], []
+    for name in record["applies_to"] or [n for n in NOISED_SPLITS if n in source.splits]:
+        s, k = source.splits[name], kept[name]
+        bases.append(s.labels[k])
+        gives.append(given[name][k])
+        if s.clean is not None:
+            mask = s.clean[k] >= 0
+            trues.append((s.clean[k][mask], given[name][k][mask]))
+    out = dict(record)
+    if trues and sum(len(t) for t, _ in trues) > 0:
+        t = np.concatenate([a for a, _ in trues])
+        g = np.concatenate([b for _, b in trues])
+        out["realised_noise_rate"] = _rate(t, g)
+        out["transition_matrix"] = np.round(nz.transition_matrix(t, g, num_classes=source.num_classes), 6).tolist()
+        out["measured_on"] = int(len(t))
+    else:  # no true labels (WebVision): nothing to measure against
+        out["realised_noise_rate"] = None
+        out["transition_matrix"] = None
+        out["measured_on"] = 0
+    if bases:
+        out["changed_fraction"] = _rate(np.concatenate(bases), np.concatenate(gives))
+    return out
+
+
+def prepare_dataset(dataset: str, *, root: Optional[Union[str, Path]] = None, out: Optional[Union[str, Path]] = None,
+                    noise: Optional[str] = None, noise_seed: int = 0, labels: Optional[Union[str, Path]] = None,
+                    shard_size: int = DEFAULT_SHARD_SIZE, max_side: Optional[int] = None,
+                    workers: Optional[int] = None, overwrite: bool = False,
+                    classes: Optional[int] = None) -> Dict[str, Any]:
+    """Write ``dataset`` as WebDataset shards with reproducible label noise (docs/ARCHITECTURE.md).
+
+    Returns ``{"out": path, "manifest": <manifest.json content>, "seconds": s, "images": n,
+    "images_per_s": r}``. Raises :class:`DataError` / :class:`TurnctlError` with one-line messages.
+
+        >>> r = prepare_dataset("digits", noise="symmetric:0.6", out="/tmp/d", overwrite=True)  # doctest: +SKIP
+        >>> sorted(r["manifest"]["splits"])  # doctest: +SKIP
+        ['test', 'train', 'val']
+    """
+    t0 = time.perf_counter()
+    if dataset not in DATASETS:
+        raise TurnctlError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
+    if shard_size < 1:
+        raise TurnctlError(f"--shard-size must be at least 1, not {shard_size}")
+    if max_side is not None and max_side < 1:
+        raise TurnctlError(f"--max-side must be at least 1, not {max_side}")
+    if classes is not None and dataset != "webvision":
+        raise TurnctlError("--classes only applies to webvision (mini-WebVision: --classes 50)")
+    workers = default_workers() if workers is None else max(1, int(workers))
+    spec = nz.parse_spec(noise)
+    root_path = Path(root) if root is not None else default_root(dataset)
+    if dataset == "digits" and root is not None:
+        log.warning("digits is bundled with scikit-learn: --root %s is ignored", root)
+    out_path = Path(out) if out is not None else default_out(dataset, spec, classes=classes)
+    check_out(out_path, overwrite=overwrite)
+    if spec.kind == "file" and not Path(spec.path).is_file():
+        raise DataError(f"label file not found: {spec.path}")
+
+    source = load_source(dataset, root_path, classes=classes)
+    log.info("%s: %s", dataset, ", ".join(f"{len(s):,} {n}" for n, s in source.splits.items()))
+    given, record = apply_noise(source, spec, seed=noise_seed,
+                                labels_file=Path(labels) if labels is not None else None, workers=workers)
+
+    partial = staging_dir(out_path)
+    try:
+        splits: Dict[str, Any] = {}
+        kept: Dict[str, np.ndarray] = {}
+        shard_table: Dict[str, Any] = {}
+        sizes: Dict[str, int] = {}
+        total = max(len(s) for s in source.splits.values())
+        with _pool(workers, total) as pool:
+            for name, split in source.splits.items():
+                shards, kept[name], skipped = _write_split(split, given[name], partial, shard_size=shard_size,
+                                                           max_side=max_side, pool=pool)
+                splits[name] = _split_record(split, given[name], kept[name], shards, skipped,
+                                             num_classes=source.num_classes, noised=name in record["applies_to"])
+                for s in shards:
+                    shard_table[s["file"]] = {"sha256": s["sha256"], "count": s["count"], "split": name}
+                    sizes[s["file"]] = s["count"]
+        write_json(partial / "sizes.json", sizes)
+        manifest = {
+            "format": FORMAT,
+            "dataset": dataset,
+            "turnctl_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "sources": dict(source.info, root=None if root_path is None else str(root_path)),
+            "num_classes": source.num_classes,
+            "class_names": source.class_names,
+            "splits": splits,
+            "noise": _noise_summary(record, source, given, kept),
+            "options": {"shard_size": shard_size, "max_side": max_side},
+            "shards": shard_table,
+        }
+        write_json(partial / "manifest.json", manifest)  # last: its presence marks a complete dataset
+        commit_dir(partial, out_path, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    n_images = sum(s["count"] for s in splits.values())
+    noise = manifest["noise"]
+    if spec.kind != "none":
+        rate = noise["realised_noise_rate"]
+        log.info("noise %s (%s, seed %d): realised rate %s on %s", spec.text, noise["convention"], noise_seed,
+                 "unknown (no true labels)" if rate is None else f"{rate:.4f}", "+".join(noise["applies_to"]))
+    log.info("wrote %d images in %d shards to %s in %.1f s (%.0f images/s)", n_images, len(shard_table),
+             out_path, seconds, n_images / max(seconds, 1e-9))
+    return {"out": str(out_path), "manifest": manifest, "seconds": seconds, "images": n_images,
+            "images_per_s": n_images / max(seconds, 1e-9)}
