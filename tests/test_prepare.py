@@ -639,3 +639,23 @@ def test_imagefolder_formats_skips_and_max_side(imagefolder, tmp_path):
         ext = next(e for e in ("jpg", "png") if e in s)
         img = Image.open(io.BytesIO(s[ext]))
         assert max(img.size) <= 16 and img.format == {"jpg": "JPEG", "png": "PNG"}[ext]
+
+
+def test_shard_bytes_equal_what_tarfile_writes(tmp_path):
+    # the fast header path must produce a standard archive: the same bytes as tarfile's PAX writer
+    w = writer_mod.SplitWriter(tmp_path, "train", shard_size=10)
+    long_key = "k" * 120
+    samples = [("a_1", "jpg", b"\xff\xd8" * 300, 0, 3, 3), (long_key, "png", b"x" * 513, 1, 2, -1)]
+    for key, ext, data, idx, label, clean in samples:
+        w.add(key, ext, data, idx=idx, label=label, clean=clean)
+    (info,) = w.close()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for key, ext, data, idx, label, clean in samples:
+            members = [(ext, data), ("cls", str(label).encode())] + ([("clean.cls", b"3")] if clean >= 0 else [])
+            for suffix, payload in members + [("idx", str(idx).encode())]:
+                ti = tarfile.TarInfo(f"{key}.{suffix}")
+                ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(payload), 0, 0o644, 0, 0, "", ""
+                tf.addfile(ti, io.BytesIO(payload))
+    assert (tmp_path / "train-000000.tar").read_bytes() == buf.getvalue()
+    assert info["sha256"] == hashlib.sha256(buf.getvalue()).hexdigest() and info["count"] == 2

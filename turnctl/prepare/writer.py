@@ -18,7 +18,6 @@ place, so an interrupted prepare never leaves something that looks complete.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -39,14 +38,30 @@ def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
 
 
-def _member(name: str, data: bytes) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tarfile's record size: archives end padded to a multiple of it
+
+
+def _header(name: str, size: int) -> bytes:
+    """A tar header for a regular file with fixed metadata (mtime 0, uid/gid 0, mode 0644).
+
+    tarfile builds headers in pure Python with a deep copy per member, which was most of the cost
+    of writing small-image shards; a ustar header is a fixed layout, so short ASCII names get one
+    assembled directly (byte-identical to tarfile's ustar output). Long or non-ASCII names use
+    tarfile's PAX encoding.
+    """
+    raw = name.encode("ascii", "surrogateescape") if name.isascii() else b""
+    if not raw or len(raw) > 100:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    head = b"".join((
+        raw.ljust(100, b"\0"), b"0000644\0", b"0000000\0", b"0000000\0", b"%011o\0" % size,
+        b"00000000000\0", b" " * 8, b"0", b"\0" * 100, b"ustar\x0000", b"\0" * 64,
+        b"\0" * 16, b"\0" * 155,  # devmajor + devminor (unset for regular files), prefix
+    )).ljust(_BLOCK, b"\0")
+    checksum = b"%06o\0 " % sum(head)
+    return head[:148] + checksum + head[156:]
 
 
 def sha256_file(path: Path) -> str:
@@ -57,6 +72,33 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class _Shard:
+    """One tar file being written under a temp name, hashed as it is written."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.fh = open(tmp, "wb")
+        self.sha = hashlib.sha256()
+        self.offset = 0
+
+    def write(self, data: bytes) -> None:
+        self.fh.write(data)
+        self.sha.update(data)
+        self.offset += len(data)
+
+    def add(self, name: str, data: bytes) -> None:
+        self.write(b"".join((_header(name, len(data)), data, b"\0" * (-len(data) % _BLOCK))))
+
+    def finish(self, final: Path) -> str:
+        end = self.offset + 2 * _BLOCK  # two zero blocks end the archive, then pad to a record
+        self.write(b"\0" * (2 * _BLOCK + (-end) % _RECORD))
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.tmp, final)
+        return self.sha.hexdigest()
+
+
 class SplitWriter:
     """Writes one split's samples into equal-size shards (the last one may be short)."""
 
@@ -64,37 +106,31 @@ class SplitWriter:
         self.directory, self.split, self.shard_size = Path(directory), split, shard_size
         self.count = 0
         self.shards: List[Dict[str, Any]] = []
-        self._tar: Optional[tarfile.TarFile] = None
-        self._tmp: Optional[Path] = None
+        self._shard: Optional[_Shard] = None
 
     def _open_next(self) -> None:
         name = shard_name(self.split, len(self.shards))
-        self._tmp = self.directory / f".{name}.tmp"
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        self._shard = _Shard(self.directory / f".{name}.tmp")
         self.shards.append({"file": name, "count": 0, "split": self.split})
 
     def _close_current(self) -> None:
-        if self._tar is None:
+        if self._shard is None:
             return
-        self._tar.close()
-        final = self.directory / self.shards[-1]["file"]
-        os.replace(self._tmp, final)
-        self.shards[-1]["sha256"] = sha256_file(final)
-        self._tar = None
+        self.shards[-1]["sha256"] = self._shard.finish(self.directory / self.shards[-1]["file"])
+        self._shard = None
 
     def add(self, key: str, ext: str, image: bytes, *, idx: int, label: int, clean: Optional[int]) -> None:
         """Append one sample: ``<key>.<ext>``, ``<key>.cls``, ``<key>.clean.cls`` (if known), ``<key>.idx``."""
         if "." in key:
             raise ValueError(f"sample key {key!r} contains a dot")
-        if self._tar is None or self.shards[-1]["count"] == self.shard_size:
+        if self._shard is None or self.shards[-1]["count"] == self.shard_size:
             self._close_current()
             self._open_next()
-        members = [(ext, image), ("cls", str(int(label)).encode())]
+        self._shard.add(f"{key}.{ext}", image)
+        self._shard.add(f"{key}.cls", str(int(label)).encode())
         if clean is not None and clean >= 0:
-            members.append(("clean.cls", str(int(clean)).encode()))
-        members.append(("idx", str(int(idx)).encode()))
-        for suffix, data in members:
-            self._tar.addfile(_member(f"{key}.{suffix}", data), io.BytesIO(data))
+            self._shard.add(f"{key}.clean.cls", str(int(clean)).encode())
+        self._shard.add(f"{key}.idx", str(int(idx)).encode())
         self.shards[-1]["count"] += 1
         self.count += 1
 
