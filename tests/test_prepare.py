@@ -24,7 +24,7 @@ from PIL import Image
 
 from turnctl.cli import run
 from turnctl.errors import DataError
-from turnctl.prepare import prepare_dataset
+from turnctl.prepare import default_root, prepare_dataset
 from turnctl.prepare import writer as writer_mod
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -295,11 +295,26 @@ def test_cifar_n_label_file_errors_are_one_line(c10, tmp_path, capsys):
              (["--noise", "human:nope", "--labels", str(short)], ["nope", "worse_label"]),
              (["--noise", "human:worse"], ["--labels"]),
              (["--noise", "symmetric:0.2", "--labels", str(short)], ["--labels"])]
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"worse_label": Evil()}, evil)
+    cases.append((["--noise", "human:worse", "--labels", str(evil)], ["evil.pt", "refusing to unpickle", "system"]))
     for extra, fragments in cases:
         assert prepare(*common, *extra) == 2
         line = error_line(capsys)
         assert all(f in line for f in fragments), line
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not marker.exists()
+    # a label file holding torch tensors instead of numpy arrays is read through torch.load(weights_only)
+    tensors = tmp_path / "tensors.pt"
+    torch.save({"worse_label": torch.from_numpy(np.roll(y, 3)), "clean_label": torch.from_numpy(y)}, tensors)
+    assert prepare(*common, "--noise", "human:worse", "--labels", str(tensors)) == 0
+    train = read_split(tmp_path / "o", "train")
+    assert np.array_equal(ints(train, "cls"), np.roll(y, 3)[[position(s["__key__"]) for s in train]])
 
 
 def test_csv_labels_by_key_and_default_out(c10, tmp_path, monkeypatch, capsys):
@@ -483,6 +498,11 @@ def test_fashion_mnist_idx_files(tmp_path, monkeypatch):
     pos = [position(s["__key__"]) for s in train]
     assert np.array_equal(decode(train[4]["png"]), x[pos[4]]) and np.array_equal(ints(train, "clean.cls"), y[pos])
     assert m["noise"]["realised_noise_rate"] == 0.5  # exactly round(0.5 * 60) of train+val
+    monkeypatch.delenv("TURNCTL_DATA")  # no $TURNCTL_DATA and no ./data/fashion-mnist: Debian's path
+    monkeypatch.chdir(root)
+    assert str(default_root("fashion-mnist")) == "/usr/share/datasets/fashion-mnist"
+    monkeypatch.chdir(tmp_path)
+    assert default_root("fashion-mnist") == Path("data") / "fashion-mnist"
     write_idx(root / "t10k-labels-idx1-ubyte.gz", y[60:79])
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz"):
         prepare_dataset("fashion-mnist", out=tmp_path / "o2", workers=1)
@@ -659,3 +679,15 @@ def test_shard_bytes_equal_what_tarfile_writes(tmp_path):
                 tf.addfile(ti, io.BytesIO(payload))
     assert (tmp_path / "train-000000.tar").read_bytes() == buf.getvalue()
     assert info["sha256"] == hashlib.sha256(buf.getvalue()).hexdigest() and info["count"] == 2
+
+
+def test_prepare_docstring_examples_run():
+    import doctest
+    import importlib
+
+    tried = 0
+    for name in ("noise", "source", "images", "writer", "labels", "arrays", "safeload", "pipeline"):
+        result = doctest.testmod(importlib.import_module(f"turnctl.prepare.{name}"))
+        assert result.failed == 0, name
+        tried += result.attempted
+    assert tried > 30

@@ -66,18 +66,22 @@ _ALLOWED = _allowed()
 
 
 class _PersistentId(Exception):
-    """The pickle references external storage (torch tensors): not a plain numpy pickle."""
+    """The pickle holds torch tensors (torch globals, storage references): not a plain numpy pickle."""
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def __init__(self, fh, *, source: str, encoding: str):
+    def __init__(self, fh, *, source: str, encoding: str, torch_fallback: bool = False):
         super().__init__(fh, encoding=encoding)
         self._source = source
+        self._torch_fallback = torch_fallback
 
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
+            if self._torch_fallback and (module == "torch" or module.startswith("torch.")):
+                # tensors: leave them to torch.load(weights_only=True), itself a restricted loader
+                raise _PersistentId(f"{module}.{name}") from None
             raise DataError(
                 f"{self._source}: refusing to unpickle '{module}.{name}' (only numpy arrays are "
                 "allowed; the file is corrupt or malicious)"
@@ -87,7 +91,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise _PersistentId(pid)
 
 
-def restricted_loads(data: bytes, *, source: str, encoding: str = "bytes") -> Any:
+def restricted_loads(data: bytes, *, source: str, encoding: str = "bytes", torch_fallback: bool = False) -> Any:
     """Unpickle ``data`` allowing only numpy arrays, dtypes, scalars and builtin containers.
 
     ``encoding="bytes"`` keeps Python 2 strings (the official CIFAR batches) as ``bytes``.
@@ -98,7 +102,8 @@ def restricted_loads(data: bytes, *, source: str, encoding: str = "bytes") -> An
         7
     """
     try:
-        return _NumpyOnlyUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
+        return _NumpyOnlyUnpickler(io.BytesIO(data), source=source, encoding=encoding,
+                                   torch_fallback=torch_fallback).load()
     except (DataError, _PersistentId):
         raise
     except Exception as exc:  # truncated or garbled: one line naming the file
@@ -121,8 +126,9 @@ def load_torch_file(path: Path) -> Any:
     """A ``torch.save`` file holding numpy arrays (CIFAR-N ``*_human.pt``), without arbitrary pickle.
 
     The zip's ``data.pkl`` is read with :func:`restricted_loads`. Files that hold torch tensors
-    (persistent storage references) or use the legacy non-zip format fall back to
-    ``torch.load(weights_only=True)`` with exactly the numpy globals allowed.
+    (torch globals, storage references) or use the legacy non-zip format fall back to
+    ``torch.load(weights_only=True)`` with exactly the numpy globals allowed; anything else (an
+    ``os.system`` call, any other class) is refused by both.
     """
     path = Path(path)
     if not path.is_file():
@@ -134,7 +140,7 @@ def load_torch_file(path: Path) -> Any:
                 raise DataError(f"{path}: not a torch.save archive (no single data.pkl inside)")
             data = zf.read(names[0])
         try:
-            return restricted_loads(data, source=str(path), encoding="utf-8")
+            return restricted_loads(data, source=str(path), encoding="utf-8", torch_fallback=True)
         except _PersistentId:
             pass
     return _torch_load_numpy(path)
