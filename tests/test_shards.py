@@ -59,7 +59,7 @@ def exact_pass(info, *, world, bs, workers=0):
 def simulate_train(toy, split, assignment, *, steps, bs, workers, keep=None):
     """The idx sequence one rank must yield with shuffle_buffer=0, and its workers' counters.
 
-    Worker w streams its shards (assignment[w]) in order, cycling; drops corrupt and non-kept
+    Worker w streams its shard parts (assignment[w]) in order, cycling; drops corrupt and non-kept
     samples; batch i of the rank comes from worker i % W. Counters are as of each worker's last
     delivered batch: read = samples pulled up to its last row, corrupt/filtered among them.
     """
@@ -70,7 +70,7 @@ def simulate_train(toy, split, assignment, *, steps, bs, workers, keep=None):
     for w, shards in enumerate(assignment):
         out = []
         read = corrupt = filtered = 0
-        stream = cycle(i for s in shards for i in toy.shard_idx[split][s])
+        stream = cycle(i for s in shards for i in toy.shard_idx[split][s.shard][s.part::s.parts])
         while len(out) < need[w]:
             i = next(stream)
             read += 1
@@ -297,12 +297,12 @@ def test_shard_order_is_seeded_per_epoch(clean_toy):
     assert a == S.shard_order(6, seed=3, epoch=0) and sorted(a) == list(range(6))
     assert a != S.shard_order(6, seed=3, epoch=1) and a != S.shard_order(6, seed=4, epoch=0)
     asg = S.train_assignment(6, seed=3, epoch=0, world_size=2, num_workers=3)
-    assert sorted(i for rank in asg for w in rank for i in w) == list(range(6))
-    assert [rank[w][0] for rank in asg for w in range(3)] != [] and asg[0][0] == [a[0]]
+    assert sorted(u.shard for rank in asg for w in rank for u in w) == list(range(6))
+    assert asg[0][0] == [S.ShardPart(a[0], 0, 1)] and asg[1][2] == [S.ShardPart(a[5], 0, 1)]
     # The pipeline uses that order: rank 1's first rows come from its first assigned shard.
     info = S.open_split(clean_toy.root, "train")
     for epoch in (0, 1):
-        first = S.train_assignment(6, seed=3, epoch=epoch, world_size=2, num_workers=0)[1][0][0]
+        first = S.train_assignment(6, seed=3, epoch=epoch, world_size=2, num_workers=0)[1][0][0].shard
         ld = S.train_loader(info, transform=TF, batch_size=1, epoch=epoch, seed=3, rank=1,
                             world_size=2, num_workers=0, shuffle_buffer=0, steps=1)
         assert next(iter(ld))["idx"].item() == clean_toy.shard_idx["train"][first][0]
@@ -360,7 +360,7 @@ def test_keep_idx_filters_before_decoding(toy):
 def test_keep_idx_in_another_ranks_shards_falls_back_without_hanging(toy):
     info = S.open_split(toy.root, "train")
     asg = S.train_assignment(4, seed=0, epoch=0, world_size=2, num_workers=0)
-    only = toy.shard_idx["train"][asg[0][0][0]][0]  # a sample rank 1 does not own
+    only = toy.shard_idx["train"][asg[0][0][0].shard][0]  # a sample rank 1 does not own
     for r in range(2):
         ld = S.train_loader(info, transform=TF, batch_size=2, epoch=0, seed=0, rank=r, world_size=2,
                             num_workers=0, shuffle_buffer=0, keep_idx=[only])
@@ -396,15 +396,40 @@ def test_train_errors(toy):
     kw = dict(transform=TF, batch_size=2, epoch=0, seed=0, shuffle_buffer=0)
     with pytest.raises(DataError, match=r"4 shard\(s\) for 2 rank\(s\) x 3 worker\(s\).*--shard-size at "
                                         r"most 3 or set data.num_workers to 2"):
-        S.train_loader(info, rank=0, world_size=2, num_workers=3, **kw)
+        S.train_loader(info, rank=0, world_size=2, num_workers=3, share_shards=False, **kw)
     with pytest.raises(DataError, match=r"4 shard\(s\) for 5 rank\(s\).*--shard-size at most 4$"):
-        S.train_loader(info, rank=0, world_size=5, num_workers=0, **kw)
+        S.train_loader(info, rank=0, world_size=5, num_workers=0, share_shards=False, **kw)
     with pytest.raises(DataError, match="keep_idx is empty"):
         S.train_loader(info, rank=0, world_size=1, num_workers=0, keep_idx=[], **kw)
     with pytest.raises(DataError, match="outside"):
         S.train_loader(info, rank=0, world_size=1, num_workers=0, keep_idx=[3, 21], **kw)
     one = S.train_loader(info, rank=0, world_size=2, num_workers=2, keep_idx=np.array([5]), **kw)
     assert one.steps == 1 and len(one) == 1  # at least one step when anything is kept
+
+
+@pytest.mark.parametrize("counts,world,workers", [([7, 5, 6, 3], 3, 2), ([9], 2, 0), ([4, 6], 3, 0)])
+def test_fewer_shards_than_readers_are_shared_in_lockstep(tmp_path, counts, world, workers):
+    toy = write_toy_shards(tmp_path / "s", counts={"train": counts}, num_classes=3, seed=3,
+                           corrupt={"train": [1]})
+    info = S.open_split(toy.root, "train")
+    m = S.shard_parts(len(counts), world_size=world, num_workers=workers)
+    readers = world * max(1, workers)
+    assert m > 1 and len(counts) * m >= readers
+    asg = S.train_assignment(len(counts), seed=0, epoch=0, world_size=world, num_workers=workers)
+    assert all(len(w) >= 1 for rank in asg for w in rank)  # nobody starves
+    parts = sorted(i for rank in asg for w in rank for u in w
+                   for i in toy.shard_idx["train"][u.shard][u.part::u.parts])
+    assert parts == list(range(sum(counts)))  # the parts partition the split
+    steps = []
+    for r in range(world):
+        ld = S.train_loader(info, transform=TF, batch_size=2, epoch=0, seed=0, rank=r, world_size=world,
+                            num_workers=workers, shuffle_buffer=0)
+        got = [b["idx"].tolist() for b in ld]
+        want, st = simulate_train(toy, "train", asg[r], steps=ld.steps, bs=2, workers=max(1, workers))
+        assert got == want
+        assert {k: ld.stats()[k] for k in ("read", "corrupt", "filtered")} == st
+        steps.append(len(got))
+    assert steps == [max(1, sum(counts) // (2 * world))] * world
 
 
 def test_shuffle_buffer_is_seeded_and_epoch_dependent(clean_toy):

@@ -62,8 +62,8 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
-                    Tuple, Union)
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
+                    Sequence, Tuple, Union)
 
 import numpy as np
 import torch
@@ -338,6 +338,15 @@ class CountingHandler:
         return True
 
 
+_warned_once: set = set()
+
+
+def _warn_once(key: Any, msg: str) -> None:
+    if key not in _warned_once:
+        _warned_once.add(key)
+        log.warning("%s", msg)
+
+
 def _worker_id() -> int:
     wi = torch.utils.data.get_worker_info()
     return 0 if wi is None else wi.id
@@ -451,9 +460,13 @@ def expand_tars(src: Iterable[Dict[str, Any]], handler: Callable[[BaseException]
     """
     for source in src:
         url = source["url"]
+        part, parts = source.get("part", 0), source.get("parts", 1)
         try:
             with open(url, "rb", buffering=1 << 20) as f:
-                for name, data in iter_tar(f, _WANTED_SUFFIXES):
+                members = iter_tar(f, _WANTED_SUFFIXES)
+                if parts > 1:
+                    members = _take_part(members, part, parts)
+                for name, data in members:
                     yield {"fname": name, "data": data, "__url__": url}
         except Exception as exn:  # noqa: BLE001 -- the handler decides
             exn.args = tuple(exn.args) + (url,)
@@ -461,6 +474,20 @@ def expand_tars(src: Iterable[Dict[str, Any]], handler: Callable[[BaseException]
                 raise
         # End of shard (also after an error): the grouper flushes on it and never mixes shards.
         yield {}
+
+
+def _take_part(members: Iterator[Tuple[str, bytes]], part: int, parts: int):
+    """The members of the samples at positions ``part, part + parts, ...`` of a shard (a shard read
+    by several readers, each taking its interleaved part; see :func:`train_assignment`)."""
+    k, last = -1, None
+    for name, data in members:
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)
+        key = name[:dot] if dot > slash else name
+        if key != last:
+            k, last = k + 1, key
+        if k % parts == part:
+            yield name, data
 
 
 def group_samples(files: Iterable[Dict[str, Any]], handler: Callable[[BaseException], bool]):
@@ -509,17 +536,18 @@ def shard_order(num_shards: int, *, seed: int, epoch: int) -> List[int]:
 
 
 class _ShardList:
-    """First stage: the shard paths as ``{"url": path}``; resets this copy's counters."""
+    """First stage: the shards as ``{"url": path}`` (plus ``part``/``parts`` for shared shards, see
+    :func:`train_assignment`); resets this pipeline copy's counters."""
 
-    def __init__(self, urls: Sequence[str], counters: _Counters):
-        self.urls = list(urls)
+    def __init__(self, sources: Sequence[Union[str, Mapping[str, Any]]], counters: _Counters):
+        self.sources = [{"url": u} if isinstance(u, str) else dict(u) for u in sources]
         self.counters = counters
 
     def __call__(self):
         self.counters.reset()
         self.counters.worker = _worker_id()
-        for u in self.urls:
-            yield {"url": u}
+        for src in self.sources:
+            yield dict(src)
 
 
 class _EpochShuffle:
@@ -977,16 +1005,43 @@ def exact_loader(info: SplitInfo, *, transform: Callable, batch_size: int, rank:
 # ----------------------------------------------------------------------------------------------
 
 
+class ShardPart(NamedTuple):
+    """A reader's unit of work in training: samples ``part, part + parts, ...`` of shard ``shard``
+    (``parts == 1``: the whole shard)."""
+
+    shard: int
+    part: int
+    parts: int
+
+
+def shard_parts(num_shards: int, *, world_size: int, num_workers: int) -> int:
+    """How many interleaved parts each shard is cut into so that every reader (rank x worker) gets
+    at least one: 1 whenever ``num_shards >= world_size * max(1, num_workers)``."""
+    readers = world_size * max(1, num_workers)
+    return max(1, -(-readers // max(1, num_shards)))
+
+
 def train_assignment(num_shards: int, *, seed: int, epoch: int, world_size: int,
-                     num_workers: int) -> List[List[List[int]]]:
-    """Shard indices per rank and worker for one :func:`train_loader` epoch: the epoch's
-    :func:`shard_order`, then position ``p`` -> rank ``p % world_size``, then a rank's ``k``-th shard
-    -> worker ``k % max(1, num_workers)``. Each worker cycles over its list in this order."""
-    order = shard_order(num_shards, seed=seed, epoch=epoch)
+                     num_workers: int) -> List[List[List[ShardPart]]]:
+    """The :class:`ShardPart` lists per rank and worker for one :func:`train_loader` epoch.
+
+    Units are the shards (``parts == 1``), or, with fewer shards than readers, every shard cut into
+    ``m =`` :func:`shard_parts` interleaved parts; unit ``v`` is part ``v // num_shards`` of shard
+    ``v % num_shards``. The epoch's :func:`shard_order` of the units, then position ``p`` -> rank
+    ``p % world_size``, then a rank's ``k``-th unit -> worker ``k % max(1, num_workers)``. Each worker
+    cycles over its list in this order.
+
+    >>> train_assignment(3, seed=0, epoch=0, world_size=2, num_workers=1)  # doctest: +SKIP
+    [[[ShardPart(shard=2, part=0, parts=1), ShardPart(shard=0, part=0, parts=1)]],
+     [[ShardPart(shard=1, part=0, parts=1)]]]
+    """
+    m = shard_parts(num_shards, world_size=world_size, num_workers=num_workers)
+    units = [ShardPart(v % num_shards, v // num_shards, m) for v in range(num_shards * m)]
+    order = shard_order(len(units), seed=seed, epoch=epoch)
     w = max(1, num_workers)
     out = []
     for r in range(world_size):
-        mine = order[r::world_size]
+        mine = [units[v] for v in order[r::world_size]]
         out.append([mine[k::w] for k in range(w)])
     return out
 
@@ -1003,15 +1058,22 @@ class TrainLoader:
     its shards (:func:`train_assignment`) and batches come from a rank's workers in turn, so a
     sample can repeat within an epoch when shards are uneven, and some samples of a long shard may
     not appear. Iterating twice replays the same epoch (same shard order, same shuffle seeds).
+
+    Fewer shards than readers (``world_size * max(1, num_workers)``): with ``share_shards`` (the
+    default) each shard is cut into interleaved parts so that every reader has one (each reader
+    still scans the whole tar but decodes only its part: more reading, same decoding); with
+    ``share_shards=False`` that is a DataError that says how to re-prepare.
     """
 
     def __init__(self, info: SplitInfo, *, transform: Callable, batch_size: int, epoch: int, seed: int,
                  rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
                  keep_idx: Optional[Iterable[int]] = None, steps: Optional[int] = None,
-                 mp_context: Optional[str] = None):
+                 share_shards: bool = True, mp_context: Optional[str] = None):
         _check_common(info, batch_size, rank, world_size, num_workers)
         workers = max(1, num_workers)
-        if info.num_shards < world_size * workers:
+        if info.num_shards == 0:
+            raise DataError(f"{info.root}/{info.split}: the split has no shard")
+        if info.num_shards < world_size * workers and not share_shards:
             fewer = (f" or set data.num_workers to {info.num_shards // world_size}"
                      if info.num_shards >= world_size else "")
             raise DataError(
@@ -1045,8 +1107,18 @@ class TrainLoader:
         self.epoch, self.seed, self.rank, self.world_size = epoch, seed, rank, world_size
         self.num_workers, self.shuffle_buffer, self.steps = num_workers, shuffle_buffer, int(steps)
         self.n_kept, self.mp_context = n_kept, mp_context
+        self.parts = shard_parts(info.num_shards, world_size=world_size, num_workers=num_workers)
         self.assignment = train_assignment(info.num_shards, seed=seed, epoch=epoch,
                                            world_size=world_size, num_workers=num_workers)[rank]
+        if self.parts > 1:
+            _warn_once(
+                (str(info.root), info.split, world_size, workers),
+                f"{info.root}/{info.split}: {info.num_shards} shard(s) for {world_size} rank(s) x "
+                f"{workers} worker(s); each shard is shared by up to {self.parts} readers, each "
+                f"decoding every {self.parts}th sample (every reader scans the whole tar). Prepare "
+                f"with --shard-size at most {max(1, info.num_samples // (world_size * workers))} "
+                f"to give every reader shards of its own",
+            )
         self._stats: Dict[str, Any] = {}
 
     def __len__(self) -> int:
@@ -1057,8 +1129,11 @@ class TrainLoader:
         c = _Counters()
         handler = CountingHandler(c)
         urls = [str(p) for p in self.info.shard_paths]
+        n, m = self.info.num_shards, self.parts
+        # The units of train_assignment, in canonical order: unit v = part v // n of shard v % n.
+        units = [{"url": urls[v % n], "part": v // n, "parts": m} for v in range(n * m)]
         return wds.DataPipeline(
-            _ShardList(urls, c),                        # all shards, name order
+            _ShardList(units, c),                       # all shards (or shard parts), name order
             _EpochShuffle(self.seed, self.epoch),       # same permutation on every rank, per epoch
             _SplitByRank(self.rank, self.world_size),   # ... then the node split
             wds.split_by_worker,                        # ... then the worker split
@@ -1115,12 +1190,13 @@ class TrainLoader:
 def train_loader(info: SplitInfo, *, transform: Callable, batch_size: int, epoch: int, seed: int,
                  rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
                  keep_idx: Optional[Iterable[int]] = None, steps: Optional[int] = None,
-                 mp_context: Optional[str] = None) -> TrainLoader:
+                 share_shards: bool = True, mp_context: Optional[str] = None) -> TrainLoader:
     """One training epoch over ``info``'s split, ``steps`` full batches on every rank.
 
     ``keep_idx`` (the clean subset) is applied before decoding; ``steps`` defaults to
-    ``max(1, len(keep_idx or split) // (batch_size * world_size))``. Raises DataError when the split
-    has fewer shards than ``world_size * max(1, num_workers)`` or when ``keep_idx`` is empty.
+    ``max(1, len(keep_idx or split) // (batch_size * world_size))``. With fewer shards than
+    ``world_size * max(1, num_workers)`` readers, shards are shared in interleaved parts (a warning
+    says so), or, with ``share_shards=False``, DataError. DataError too when ``keep_idx`` is empty.
 
     >>> ld = train_loader(info, transform=aug, batch_size=32, epoch=e, seed=0,   # doctest: +SKIP
     ...                   rank=dist.rank(), world_size=dist.world_size(), num_workers=2,
@@ -1133,4 +1209,4 @@ def train_loader(info: SplitInfo, *, transform: Callable, batch_size: int, epoch
     return TrainLoader(info, transform=transform, batch_size=batch_size, epoch=epoch, seed=seed,
                        rank=rank, world_size=world_size, num_workers=num_workers,
                        shuffle_buffer=shuffle_buffer, keep_idx=keep_idx, steps=steps,
-                       mp_context=mp_context)
+                       share_shards=share_shards, mp_context=mp_context)
