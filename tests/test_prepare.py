@@ -691,3 +691,11 @@ def test_prepare_docstring_examples_run():
         assert result.failed == 0, name
         tried += result.attempted
     assert tried > 30
+
+
+def test_tiny_cifar_without_a_val_share_leaves_val_out(tmp_path):
+    a = cifar_arrays(10, 9, 5, seed=3)  # 5% of 9 rounds to 0 val samples
+    write_cifar10(tmp_path / "c", "binary", a)
+    m = prepare_dataset("cifar10", root=tmp_path / "c", out=tmp_path / "o", noise="symmetric:0.5", workers=1)["manifest"]
+    assert sorted(m["splits"]) == ["test", "train"] and m["splits"]["train"]["count"] == 9
+    assert m["noise"]["applies_to"] == ["train"] and not list((tmp_path / "o").glob("val-*"))

@@ -189,7 +189,11 @@ def apply_noise(source: Source, spec: nz.NoiseSpec, *, seed: int, labels_file: O
                                       "in that order); the test split is never noised"}
     if labels_file is not None and spec.kind != "human":
         raise TurnctlError("--labels is only used with --noise human:<name> (use --noise file:<csv> for a CSV)")
-    if spec.kind == "none" or not noised:
+    if spec.kind == "none":
+        return given, record
+    if not noised:
+        log.warning("--noise %s: no train or val split to noise (the test split never is)", spec.text)
+        record["applies_to"] = []
         return given, record
     base = np.concatenate([s.labels for s in noised])
     rng = np.random.default_rng(seed)
@@ -345,6 +349,11 @@ def prepare_dataset(dataset: str, *, root: Optional[Union[str, Path]] = None, ou
         raise DataError(f"label file not found: {spec.path}")
 
     source = load_source(dataset, root_path, classes=classes)
+    for name in [n for n, s in source.splits.items() if len(s) == 0]:
+        log.warning("%s: the %s split is empty and is left out", dataset, name)
+        del source.splits[name]
+    if not source.splits:
+        raise DataError(f"{dataset}: no samples found under {root_path}")
     log.info("%s: %s", dataset, ", ".join(f"{len(s):,} {n}" for n, s in source.splits.items()))
     given, record = apply_noise(source, spec, seed=noise_seed,
                                 labels_file=Path(labels) if labels is not None else None, workers=workers)
