@@ -1,0 +1,645 @@
+"""TURN step 2, selection: per-class two-component GMMs on per-sample losses -> a balanced clean subset.
+
+Two flat functions, in the order the trainer calls them every fine-tuning epoch::
+
+    sel = select_clean(losses, labels, num_classes=C)          # p(clean) per sample, keep = p > tau
+    sub = balanced_subset(sel.keep, labels, num_classes=C, losses=losses, seed=epoch_seed)
+    train_one_epoch(indices=sub.indices)                        # N = min_c |kept_c| draws per class
+
+and :func:`fit_reference_sklearn`, the slow, obviously-correct per-class scikit-learn loop that
+:func:`select_clean` is tested and benchmarked against.
+
+Conventions (DESIGN.md §3, §4; recipe section ``cleanse``)
+-----------------------------------------------------------
+* **Normalisation is global.** ``normalize="minmax"`` maps the losses of all valid samples to [0, 1]
+  with ONE min and max, as DivideMix does, before fitting the per-class mixtures. Why global and
+  not per class: a GMM fit is invariant to an affine change of its data except for ``reg_covar``
+  (and ``tol`` is not even affected: the mean log-likelihood only shifts by a constant). With a
+  global scale, ``reg_covar=5e-4`` is a floor of ~0.022 x (global loss range) on every component's
+  standard deviation, i.e. the same number of loss units in every class, so a class whose losses
+  are all tightly packed is not split into two artificial modes. Per-class min-max would stretch
+  such a class to [0, 1] and always split it.
+* **Component 0 is the low-mean (clean) component** in every returned per-class array, and
+  ``clean_prob`` is its posterior.
+* **Degenerate classes** (no EM is run; ``n_iter`` 0, ``converged`` True):
+  - no valid sample: parameters NaN, weights 0;
+  - one sample, or all losses equal (zero spread): there is no second mode to call noisy, so the
+    class is one component at that loss (means ``[v, v]``, variances ``[reg_covar] * 2``, weights
+    ``[1, 0]``) and every sample gets ``clean_prob`` 1.0. (scikit-learn would instead put a
+    near-empty spurious component below the data and call the whole class noisy.) Whether such a
+    tiny class can fill a balanced subset is :func:`balanced_subset`'s decision (fallback).
+  - two distinct samples are a regular fit (each becomes its own component, as in scikit-learn).
+* **Invalid samples** (``valid=False``, e.g. undecodable images) take no part in normalisation or
+  fitting, get ``clean_prob`` 0 and ``keep`` False; their loss may be NaN and their label anything.
+* Errors: a non-finite loss of a valid sample raises :class:`~turnctl.errors.TurnctlError` naming
+  the first such sample (its position in ``losses``, which is the sample ``idx`` when losses are
+  indexed by idx); a label outside ``[0, num_classes)`` raises :class:`~turnctl.errors.DataError`.
+  Malformed arguments (shapes, option values) are programming errors: ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from turnctl.errors import DataError, TurnctlError
+
+__all__ = ["CleanSelection", "BalancedSubset", "select_clean", "balanced_subset", "fit_reference_sklearn"]
+
+ArrayLike = Union[np.ndarray, torch.Tensor, "list[float]"]
+
+# scikit-learn adds 10 * eps to every component's responsibility mass before dividing by it
+# (``_estimate_gaussian_parameters``); we do the same so that the EM trajectories coincide.
+_EPS10 = 10 * float(np.finfo(np.float64).eps)
+_LOG_2PI = math.log(2.0 * math.pi)
+# Bins per class (at most) of the histogram that seeds the 2-means initialisation (_init_two_means).
+_INIT_BINS = 1024
+# Lloyd iterations to polish the histogram split; 1-D 2-means reaches a fixed point in a handful.
+_LLOYD_MAX_ITER = 100
+# Re-pack the working set when the classes still iterating hold less than this share of it.
+_COMPACT_BELOW = 0.75
+# A component with less than this share of its class's responsibility mass is "thin": its sums
+# are accumulated directly rather than as (class total - other component).
+_THIN = 1e-6
+
+
+@dataclass(frozen=True)
+class CleanSelection:
+    """Result of :func:`select_clean`.
+
+    Per-sample arrays have length N (the length of ``losses``); per-class arrays have C rows. All
+    mixture parameters live in the normalised loss space: ``(loss - loss_min) / (loss_max -
+    loss_min)`` (``loss_min=0, loss_max=1`` with ``normalize="none"``). Component 0 is the low-mean
+    (clean) one.
+    """
+
+    clean_prob: np.ndarray  # float32 [N]: posterior of the low-mean component (0 for invalid samples)
+    keep: np.ndarray  # bool [N]: clean_prob > tau
+    means: np.ndarray  # float64 [C, 2], means[:, 0] <= means[:, 1]
+    variances: np.ndarray  # float64 [C, 2], reg_covar included
+    weights: np.ndarray  # float64 [C, 2], rows sum to 1 (0 for empty classes)
+    n_iter: np.ndarray  # int64 [C]: EM iterations run (0: degenerate class, no EM)
+    converged: np.ndarray  # bool [C]: False only where EM stopped at max_iter
+    class_counts: np.ndarray  # int64 [C]: valid samples per class (those the mixture saw)
+    lower_bound: np.ndarray  # float64 [C]: mean log-likelihood at the last E-step (NaN: no EM)
+    kept_per_class: np.ndarray  # int64 [C]: number of kept samples per class
+    loss_min: float
+    loss_max: float
+    tau: float
+
+
+@dataclass(frozen=True)
+class BalancedSubset:
+    """Result of :func:`balanced_subset`."""
+
+    selected: np.ndarray  # bool [N_samples]
+    indices: np.ndarray  # int64, sorted: np.flatnonzero(selected)
+    per_class: np.ndarray  # int64 [C]: samples drawn per class (n_per_class, or 0 for empty classes)
+    n_per_class: int  # N = min over non-empty classes of available_per_class
+    available_per_class: np.ndarray  # int64 [C]: kept samples per class after the fallback
+    fallback_classes: Tuple[int, ...]  # classes that kept < min_per_class and used their lowest losses
+    empty_classes: Tuple[int, ...]  # classes without any (valid) sample: ignored
+
+
+# ---- input checking (shared by select_clean, balanced_subset and the reference) ---------------
+
+def _as_1d(name: str, a: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    return t.to(device=device, dtype=dtype)
+
+
+def _check_common(losses: torch.Tensor, labels: torch.Tensor, valid: Optional[torch.Tensor],
+                  num_classes: int) -> Optional[torch.Tensor]:
+    """Validate shapes, labels and finiteness of the valid samples.
+
+    Returns the valid mask, or None when every sample is valid (``valid`` None or all True), so
+    that callers can skip the masking passes.
+    """
+    n = losses.shape[0]
+    if labels.shape[0] != n:
+        raise ValueError(f"labels has {labels.shape[0]} entries, losses has {n}")
+    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if valid is not None:
+        if valid.shape[0] != n:
+            raise ValueError(f"valid has {valid.shape[0]} entries, losses has {n}")
+        if bool(valid.all()):
+            valid = None
+    lab_ok = (labels >= 0) & (labels < num_classes)
+    loss_ok = torch.isfinite(losses)
+    if valid is not None:
+        lab_ok |= ~valid
+        loss_ok |= ~valid
+    if not bool(lab_ok.all()):
+        i = int(torch.nonzero(~lab_ok)[0, 0])
+        raise DataError(f"label {int(labels[i])} of sample {i} is outside [0, {num_classes}) "
+                        f"(num_classes={num_classes}); check the shards' manifest or data.num_classes")
+    if not bool(loss_ok.all()):
+        i = int(torch.nonzero(~loss_ok)[0, 0])
+        raise TurnctlError(f"per-sample loss of sample {i} is {float(losses[i])}: losses must be finite "
+                           f"(did training diverge? try a lower learning rate)")
+    return valid
+
+
+def _check_options(tau: float, max_iter: int, tol: float, reg_covar: float, normalize: str) -> None:
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must be in [0, 1], got {tau}")
+    if int(max_iter) != max_iter or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if not reg_covar > 0:  # the zero-variance classes rely on it
+        raise ValueError(f"reg_covar must be > 0, got {reg_covar}")
+    if normalize not in ("minmax", "none"):
+        raise ValueError(f"normalize must be 'minmax' or 'none', got {normalize!r}")
+
+
+def _normalise(losses: torch.Tensor, normalize: str) -> Tuple[torch.Tensor, float, float]:
+    """Global min-max to [0, 1] (see the module docstring for why global)."""
+    if normalize == "none" or losses.numel() == 0:
+        return losses, 0.0, 1.0
+    lo, hi = (float(v) for v in torch.aminmax(losses))
+    if hi > lo:
+        return (losses - lo) / (hi - lo), lo, hi
+    return torch.zeros_like(losses), lo, hi  # all equal: every class is zero-spread
+
+
+def _resolve_device(losses: Any, device: Any) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return losses.device if isinstance(losses, torch.Tensor) else torch.device("cpu")
+
+
+# ---- the vectorised fit -----------------------------------------------------------------------
+
+class _Segments:
+    """Samples sorted by class: every per-class sum is a contiguous segment reduction (no scatter).
+
+    ``buf`` is three float64 scratch vectors that every pass over the samples writes into: on CPU a
+    fresh multi-megabyte temporary costs page faults on each allocation, a sizeable share of a
+    memory-bound elementwise op. Compacted subsets share the same scratch.
+    """
+
+    def __init__(self, x: torch.Tensor, cls: torch.Tensor, counts: torch.Tensor, buf: Tuple[torch.Tensor, ...]):
+        self.x, self.cls, self.counts, self._buf = x, cls, counts, buf
+        self.b0, self.b1, self.b2 = (b[: x.shape[0]] for b in buf)
+
+    def sum(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.segment_reduce(v, "sum", lengths=self.counts)
+
+    def gather(self, per_class: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(per_class, 0, self.cls, out=out)
+
+    def quadratic(self, a: torch.Tensor, b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """a[c] + b[c] x + q[c] x^2 per sample, in scratch b0 (b1 and b2 are clobbered)."""
+        d, t, u = self.gather(a, self.b0), self.gather(b, self.b1), self.gather(q, self.b2)
+        t.addcmul_(self.x, u)
+        return d.addcmul_(self.x, t)
+
+    def subset(self, class_mask: torch.Tensor) -> Tuple["_Segments", torch.Tensor]:
+        """The samples of the classes in ``class_mask`` (and their positions in this set)."""
+        keep = torch.nonzero(class_mask.index_select(0, self.cls))[:, 0]
+        counts = torch.where(class_mask, self.counts, 0)
+        # index_select, not x[keep]: advanced indexing is several times slower on CPU.
+        return _Segments(self.x.index_select(0, keep), self.cls.index_select(0, keep), counts, self._buf), keep
+
+
+def _init_two_means(seg: _Segments, n: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    fit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hard 2-means partition of every fitted class, as scikit-learn's default initialisation.
+
+    ``GaussianMixture(init_params="kmeans")`` starts EM from the labels of ``KMeans(2, n_init=1)``
+    (k-means++ seeding, then Lloyd). In 1-D a 2-means partition is a threshold, and the best one is
+    where the between-cluster term s0^2/n0 + s1^2/n1 peaks. We find it for all classes at once: a
+    per-class histogram (up to _INIT_BINS bins over the class's own range) locates the best split
+    to within a bin, and vectorised Lloyd steps (threshold = midpoint of the two cluster means)
+    polish it to an exact Lloyd fixed point, which is what scikit-learn's KMeans stops at. When the
+    loss distribution has one clear valley (the usual clean/noisy picture) there is one such fixed
+    point, scikit-learn finds it too, and EM then starts from identical responsibilities and
+    follows the same trajectory up to rounding: that is why the decisions agree even when both
+    stop after 10 iterations. Where the 2-means objective is flat (no valley), several fixed points
+    exist and scikit-learn's choice depends on its random seed; we take the global optimum.
+
+    Returns per-class (n1, s1, ss1): count, sum and sum of squares of the high cluster.
+    """
+    C = n.shape[0]
+    # Enough bins that the histogram split is within a sample or two of the optimum, few enough
+    # that C x B stays small for any number of classes.
+    B = int(min(_INIT_BINS, max(16, (1 << 22) // max(C, 1))))
+    x = seg.x
+    # bin of a sample = floor(c*B + 0.5 + (x - lo_c) * (B - 1) / span_c): the +-0.5 margin keeps
+    # every sample inside its own class's B bins whatever the rounding.
+    scale = torch.where(fit, (B - 1) / torch.where(fit, hi - lo, 1.0), 0.0)
+    off = torch.arange(C, device=x.device, dtype=x.dtype) * B + 0.5 - torch.where(fit, lo * scale, 0.0)
+    flat = seg.gather(off, seg.b0).addcmul_(x, seg.gather(scale, seg.b1)).to(torch.int64)
+    hn = torch.bincount(flat, minlength=C * B).view(C, B).to(x.dtype)
+    hs = torch.bincount(flat, weights=x, minlength=C * B).view(C, B)
+    del flat
+    n0 = hn.cumsum(1)[:, :-1]  # split after bin j: cluster 0 = bins <= j
+    s0 = hs.cumsum(1)[:, :-1]
+    S = hs.sum(1)
+    n1 = n[:, None] - n0
+    s1 = S[:, None] - s0
+    score = torch.where((n0 > 0) & (n1 > 0), s0 * s0 / n0.clamp(min=1) + s1 * s1 / n1.clamp(min=1), -torch.inf)
+    j = score.argmax(1, keepdim=True)
+    n0j, s0j = n0.gather(1, j)[:, 0], s0.gather(1, j)[:, 0]
+    m0 = torch.where(fit, s0j / n0j.clamp(min=1), lo)
+    m1 = torch.where(fit, (S - s0j) / (n - n0j).clamp(min=1), hi)
+    # Lloyd: threshold at the midpoint of the two means, recompute the means. Partitions are upper
+    # sets of the sorted losses, so an unchanged high-cluster count means an unchanged partition,
+    # i.e. a fixed point; often the histogram split already is one and one step confirms it.
+    prev_n1 = n - n0j
+    for _ in range(_LLOYD_MAX_ITER):
+        high = torch.gt(x, seg.gather((m0 + m1) / 2, seg.b0), out=seg.b1)  # 1.0 / 0.0
+        cnt1 = seg.sum(high)
+        hx = torch.mul(high, x, out=seg.b2)
+        sum1 = seg.sum(hx)
+        # Both clusters stay non-empty (min < t < max); the guard only protects against rounding.
+        good = fit & (cnt1 > 0) & (cnt1 < n)
+        m1 = torch.where(good, sum1 / cnt1.clamp(min=1), m1)
+        m0 = torch.where(good, (S - sum1) / (n - cnt1).clamp(min=1), m0)
+        if bool(((cnt1 == prev_n1) | ~good).all()):
+            break
+        prev_n1 = cnt1
+    return cnt1, sum1, seg.sum(hx.mul_(x))
+
+
+def _coefficients(mu: torch.Tensor, var: torch.Tensor, w: torch.Tensor):
+    """log(w_k N(x | mu_k, var_k)) = a_k + b_k x + q_k x^2, per class and component ([C, 2] each)."""
+    prec = 1.0 / var
+    a = torch.log(w) - 0.5 * _LOG_2PI - 0.5 * torch.log(var) - 0.5 * prec * mu * mu
+    return a, prec * mu, -0.5 * prec
+
+
+def _log_odds_coefficients(mu, var, w):
+    """d(x) = log p(component 0 | x) - log p(component 1 | x) = a + b x + q x^2, per class."""
+    a, b, q = _coefficients(mu, var, w)
+    return a[:, 0] - a[:, 1], b[:, 0] - b[:, 1], q[:, 0] - q[:, 1]
+
+
+def _m_step(R, Rx, Rxx, reg_covar):
+    """scikit-learn's M-step from responsibility sums: nk = sum r + 10 eps, mean, variance + reg."""
+    nk = R + _EPS10
+    mu = Rx / nk
+    # sum r (x - mu)^2 expanded; exact up to rounding in float64 on [0, 1]-scaled losses.
+    var = (Rxx - 2 * mu * Rx + mu * mu * R).clamp(min=0) / nk + reg_covar
+    return mu, var, nk
+
+
+def _fit_segments(seg: _Segments, fit: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *,
+                  max_iter: int, tol: float, reg_covar: float):
+    """EM for every class with ``fit`` True at once, mirroring scikit-learn's loop step by step.
+
+    scikit-learn, per iteration: E-step with the current parameters (giving responsibilities and
+    the mean log-likelihood = the "lower bound"), M-step, then stop if |lower bound change| < tol
+    (the first change is +inf). Here every class does exactly that, and a class that has met its
+    tolerance is frozen (its parameters no longer change) while the others go on.
+    """
+    x = seg.x
+    dt, dev = x.dtype, x.device
+    C = fit.shape[0]
+    n = seg.counts.to(dt)
+    Sx = seg.sum(x)
+    Sxx = seg.sum(torch.mul(x, x, out=seg.b0))
+
+    # Initial parameters from the hard 2-means partition, exactly like GaussianMixture._initialize
+    # (weights = nk / n_samples there; = nk / sum(nk) after every M-step).
+    n1, s1, ss1 = _init_two_means(seg, n, lo, hi, fit)
+    mu, var, nk = _m_step(torch.stack([n - n1, n1], 1), torch.stack([Sx - s1, s1], 1),
+                          torch.stack([Sxx - ss1, ss1], 1), reg_covar)
+    w = nk / n.clamp(min=1)[:, None]
+    # Classes not fitted get harmless placeholders so that no NaN/inf leaks into shared arithmetic.
+    mu = torch.where(fit[:, None], mu, 0.0)
+    var = torch.where(fit[:, None], var, 1.0)
+    w = torch.where(fit[:, None], w, 0.5)
+
+    n_iter = torch.zeros(C, dtype=torch.int64, device=dev)
+    converged = torch.zeros(C, dtype=torch.bool, device=dev)
+    lower_bound = torch.full((C,), -torch.inf, dtype=dt, device=dev)
+    active = fit.clone()
+    work = seg
+    for it in range(1, max_iter + 1):
+        if not bool(active.any()):
+            break
+        # E-step on the working set: d = log-odds of component 0, r0 = sigmoid(d) = its responsibility.
+        d = work.quadratic(*_log_odds_coefficients(mu, var, w))  # in b0
+        r0 = torch.sigmoid(d, out=work.b1)
+        R0 = work.sum(r0)
+        rx = torch.mul(r0, work.x, out=work.b2)
+        R0x = work.sum(rx)
+        R0xx = work.sum(rx.mul_(work.x))
+        # Mean log-likelihood under this E-step's parameters (scikit-learn's "lower bound"):
+        # log p(x) = l1(x) + softplus(d), and the l1 part is a closed form in the class sums.
+        # softplus(d) = relu(d) - log(max(r0, 1 - r0)) reuses r0 (the log's argument is in
+        # [0.5, 1], so it is accurate) and is about twice as fast as torch's softplus on CPU.
+        lmax = torch.maximum(torch.sub(1.0, r0, out=work.b2), r0, out=work.b2).log_()
+        sp = torch.clamp(d, min=0.0, out=work.b1).sub_(lmax)
+        a, b, q = _coefficients(mu, var, w)
+        nw = work.counts.to(dt)
+        lb = (nw * a[:, 1] + b[:, 1] * Sx + q[:, 1] * Sxx + work.sum(sp)) / nw.clamp(min=1)
+        # Component 1's sums are the class totals minus component 0's (half the passes over the
+        # samples). That subtraction cancels when component 1 is nearly empty; scikit-learn sums
+        # exp(log_resp) directly there, so those (rare) classes are summed directly too.
+        R1, R1x, R1xx = nw - R0, Sx - R0x, Sxx - R0xx
+        thin = active & (R1 < _THIN * nw)
+        if bool(thin.any()):
+            tseg, tmask = work.subset(thin)
+            r1 = torch.sigmoid(-d.index_select(0, tmask))
+            r1x = r1 * tseg.x
+            R1 = torch.where(thin, tseg.sum(r1), R1)
+            R1x = torch.where(thin, tseg.sum(r1x), R1x)
+            R1xx = torch.where(thin, tseg.sum(r1x * tseg.x), R1xx)
+        new_mu, new_var, new_nk = _m_step(torch.stack([R0, R1], 1), torch.stack([R0x, R1x], 1),
+                                          torch.stack([R0xx, R1xx], 1), reg_covar)
+        new_w = new_nk / new_nk.sum(1, keepdim=True)
+        upd = active[:, None]
+        mu, var, w = torch.where(upd, new_mu, mu), torch.where(upd, new_var, var), torch.where(upd, new_w, w)
+        change = lb - lower_bound
+        lower_bound = torch.where(active, lb, lower_bound)
+        n_iter = torch.where(active, it, n_iter)
+        done = active & (change.abs() < tol)
+        converged |= done
+        active &= ~done
+        # Classes that stopped leave the working set once the others are a minority of it.
+        if bool(active.any()):
+            share = float(torch.where(active, nw, 0.0).sum()) / max(float(nw.sum()), 1.0)
+            if share < _COMPACT_BELOW:
+                work = work.subset(active)[0]
+    return mu, var, w, n_iter, converged, lower_bound
+
+
+def select_clean(losses: ArrayLike, labels: ArrayLike, *, num_classes: int, tau: float = 0.6,
+                 max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4,
+                 normalize: str = "minmax", valid: Optional[ArrayLike] = None,
+                 device: Union[str, torch.device, None] = None) -> CleanSelection:
+    """Per-class two-component GMMs on per-sample losses; keep the samples likely clean.
+
+    For every class c, a 1-D Gaussian mixture with two components is fitted by EM to the losses of
+    the (valid) samples labelled c; ``clean_prob[i]`` is the posterior of the low-mean component
+    under the mixture of sample i's class and ``keep = clean_prob > tau``. All classes are fitted
+    simultaneously with torch (float64, on ``device``: default the device of ``losses`` if it is a
+    tensor, else CPU), following scikit-learn's ``GaussianMixture(2, max_iter=max_iter, tol=tol,
+    reg_covar=reg_covar)`` step for step, including its per-fit stopping rule (see
+    :func:`fit_reference_sklearn`). Conventions for normalisation, degenerate classes, invalid
+    samples and errors are in the module docstring.
+
+    Args:
+        losses: per-sample losses, shape [N] (numpy array, torch tensor or list).
+        labels: given labels in ``[0, num_classes)``, shape [N].
+        num_classes: C.
+        tau: keep threshold on the clean posterior (TURN: 0.6).
+        max_iter, tol, reg_covar: EM settings (DivideMix lineage defaults 10, 1e-2, 5e-4).
+        normalize: ``"minmax"`` (global, to [0, 1]) or ``"none"``.
+        valid: optional bool mask [N]; False excludes a sample (clean_prob 0, keep False).
+        device: where to run the fit.
+
+    Returns:
+        :class:`CleanSelection`.
+
+    Example: class 0 has three low losses and one high one, class 1 a single sample.
+
+    >>> sel = select_clean([0.1, 0.12, 0.11, 2.5, 0.7], [0, 0, 0, 0, 1], num_classes=2)
+    >>> sel.keep.tolist()
+    [True, True, True, False, True]
+    >>> sel.class_counts.tolist(), sel.n_iter[1].item()
+    ([4, 1], 0)
+    >>> bool(sel.means[0, 0] < sel.means[0, 1])  # component 0 is the low-mean one
+    True
+    """
+    _check_options(tau, max_iter, tol, reg_covar, normalize)
+    dev = _resolve_device(losses, device)
+    L = _as_1d("losses", losses, torch.float64, dev)
+    Y = _as_1d("labels", labels, torch.int64, dev)
+    V = None if valid is None else _as_1d("valid", valid, torch.bool, dev)
+    V = _check_common(L, Y, V, num_classes)
+    N, C = L.shape[0], int(num_classes)
+
+    vidx = None if V is None else torch.nonzero(V)[:, 0]
+    Lv, Yv = (L, Y) if vidx is None else (L[vidx], Y[vidx])
+    x, loss_min, loss_max = _normalise(Lv, normalize)
+    Nv = x.shape[0]
+
+    # Group by class: a stable sort of the labels (the losses themselves need no sorting). Narrow
+    # integer keys sort two to three times faster than int64, and int32 indexes fine.
+    Yn = Yv.to(torch.int16 if C <= torch.iinfo(torch.int16).max else torch.int32)
+    Ys, order = torch.sort(Yn, stable=True)
+    counts = torch.bincount(Yv, minlength=C)
+    buf = tuple(torch.empty(Nv, dtype=torch.float64, device=dev) for _ in range(3))
+    seg = _Segments(x.index_select(0, order), Ys.to(torch.int32), counts, buf)
+    del order, Ys, Yn
+    lo = torch.segment_reduce(seg.x, "min", lengths=counts)
+    hi = torch.segment_reduce(seg.x, "max", lengths=counts)
+    empty = counts == 0
+    flat = ~empty & ~(hi > lo)  # one sample or zero spread: closed form, no EM
+    fit = ~empty & ~flat
+
+    mu, var, w, n_iter, converged, lb = _fit_segments(seg, fit, lo, hi, max_iter=int(max_iter), tol=float(tol),
+                                                      reg_covar=float(reg_covar))
+    del seg
+    # Component 0 := the low-mean one (EM may in principle let the two means cross).
+    swap = mu[:, 0] > mu[:, 1]
+    perm = torch.stack([swap.long(), 1 - swap.long()], 1)
+    mu, var, w = mu.gather(1, perm), var.gather(1, perm), w.gather(1, perm)
+
+    # Final E-step with the final parameters (scikit-learn's predict_proba after fit), in the
+    # input order so nothing needs scattering back. Flat classes get d = +inf: posterior exactly 1.
+    a, b, q = _log_odds_coefficients(mu, var, w)
+    a, b, q = torch.where(flat, torch.inf, a), torch.where(flat, 0.0, b), torch.where(flat, 0.0, q)
+    p = _Segments(x, Yv, counts, buf).quadratic(a, b, q)
+    p = torch.sigmoid(p, out=p).to(torch.float32)
+    if vidx is not None:
+        p = torch.zeros(N, dtype=torch.float32, device=dev).index_copy_(0, vidx, p)
+
+    # Degenerate classes' documented parameters.
+    mu = torch.where(fit[:, None], mu, torch.where(flat[:, None], torch.where(flat, lo, 0.0)[:, None], torch.nan))
+    var = torch.where(fit[:, None], var, torch.where(flat[:, None], reg_covar, torch.nan))
+    one_zero = torch.tensor([1.0, 0.0], dtype=torch.float64, device=dev).expand(C, 2)
+    w = torch.where(fit[:, None], w, torch.where(flat[:, None], one_zero, 0.0))
+    return _make_selection(p, Y, V, C, tau, mu, var, w, n_iter, converged | ~fit, counts,
+                           torch.where(fit, lb, torch.nan), loss_min, loss_max)
+
+
+def _make_selection(prob, Y, V, C, tau, mu, var, w, n_iter, converged, counts, lb, loss_min, loss_max):
+    """Assemble the CPU/numpy result; ``prob`` must already be 0 for invalid samples."""
+    def np_(t: torch.Tensor) -> np.ndarray:
+        return t.cpu().numpy()
+
+    clean_prob = np_(prob.to(torch.float32))
+    # keep is derived from the returned float32 probabilities so that keep == (clean_prob > tau).
+    keep = clean_prob > tau
+    if V is not None:
+        keep &= np_(V)
+    y = np_(Y)
+    return CleanSelection(
+        clean_prob=clean_prob, keep=keep,
+        means=np_(mu), variances=np_(var), weights=np_(w),
+        n_iter=np_(n_iter).astype(np.int64), converged=np_(converged),
+        class_counts=np_(counts).astype(np.int64), lower_bound=np_(lb),
+        kept_per_class=np.bincount(y[keep], minlength=C).astype(np.int64),
+        loss_min=float(loss_min), loss_max=float(loss_max), tau=float(tau),
+    )
+
+
+# ---- the reference ----------------------------------------------------------------------------
+
+def fit_reference_sklearn(losses: ArrayLike, labels: ArrayLike, *, num_classes: int, tau: float = 0.6,
+                          max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4,
+                          normalize: str = "minmax", valid: Optional[ArrayLike] = None,
+                          random_state: int = 0) -> CleanSelection:
+    """The same selection as :func:`select_clean`, one scikit-learn ``GaussianMixture`` per class.
+
+    Slow and obviously correct: the reference for tests and ``benchmarks/bench_select.py``. Same
+    validation, global normalisation, degenerate-class conventions and output; each regular class
+    is fitted with ``GaussianMixture(2, max_iter, tol, reg_covar, random_state=random_state)`` in
+    float64, components re-ordered by mean. Convergence warnings are recorded in ``converged``
+    instead of being emitted once per class.
+
+    >>> ref = fit_reference_sklearn([0.1, 0.12, 0.11, 2.5, 0.7], [0, 0, 0, 0, 1], num_classes=2)
+    >>> ref.keep.tolist()
+    [True, True, True, False, True]
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    _check_options(tau, max_iter, tol, reg_covar, normalize)
+    cpu = torch.device("cpu")
+    L = _as_1d("losses", losses, torch.float64, cpu)
+    Y = _as_1d("labels", labels, torch.int64, cpu)
+    V = None if valid is None else _as_1d("valid", valid, torch.bool, cpu)
+    V = _check_common(L, Y, V, num_classes)
+    C = int(num_classes)
+    v = np.ones(L.shape[0], dtype=bool) if V is None else V.numpy()
+    x = np.zeros(L.shape[0])
+    xv, loss_min, loss_max = _normalise(L[torch.from_numpy(v)], normalize)
+    x[v] = xv.numpy()
+    y = Y.numpy()
+
+    prob = np.zeros(L.shape[0])
+    mu = np.full((C, 2), np.nan)
+    var = np.full((C, 2), np.nan)
+    w = np.zeros((C, 2))
+    n_iter = np.zeros(C, dtype=np.int64)
+    converged = np.ones(C, dtype=bool)
+    lb = np.full(C, np.nan)
+    counts = np.zeros(C, dtype=np.int64)
+    members = np.flatnonzero(v)
+    members = members[np.argsort(y[members], kind="stable")]
+    bounds = np.searchsorted(y[members], np.arange(C + 1))
+    for c in range(C):
+        idx = members[bounds[c]:bounds[c + 1]]
+        counts[c] = idx.size
+        if idx.size == 0:
+            continue
+        xc = x[idx]
+        if idx.size == 1 or xc.max() == xc.min():
+            mu[c], var[c], w[c] = xc[0], reg_covar, (1.0, 0.0)
+            prob[idx] = 1.0
+            continue
+        gm = GaussianMixture(2, max_iter=int(max_iter), tol=tol, reg_covar=reg_covar, random_state=random_state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm.fit(xc[:, None])
+        o = np.argsort(gm.means_[:, 0], kind="stable")
+        mu[c], var[c], w[c] = gm.means_[o, 0], gm.covariances_[o, 0, 0], gm.weights_[o]
+        n_iter[c], converged[c], lb[c] = gm.n_iter_, gm.converged_, gm.lower_bound_
+        prob[idx] = gm.predict_proba(xc[:, None])[:, o[0]]
+    return _make_selection(torch.from_numpy(prob), Y, V, C, tau, torch.from_numpy(mu), torch.from_numpy(var),
+                           torch.from_numpy(w), torch.from_numpy(n_iter), torch.from_numpy(converged),
+                           torch.from_numpy(counts), torch.from_numpy(lb), loss_min, loss_max)
+
+
+# ---- balanced subset --------------------------------------------------------------------------
+
+def balanced_subset(keep: ArrayLike, labels: ArrayLike, *, num_classes: int, losses: ArrayLike,
+                    fallback_k: int = 8, min_per_class: int = 2, seed: int = 0,
+                    valid: Optional[ArrayLike] = None) -> BalancedSubset:
+    """TURN's class-balanced clean subset: N uniform draws from every class's kept samples.
+
+    N = min over classes of the number of kept samples. A class keeping fewer than
+    ``min_per_class`` samples (0 or 1 would make N collapse) falls back to its ``fallback_k``
+    lowest-loss samples (all of them if it has fewer; ties by index) and is listed in
+    ``fallback_classes`` for the log; N is computed after the fallback, so every class, fallback or
+    not, contributes exactly N samples. Note that this makes N <= fallback_k whenever a fallback
+    happens. Classes with no (valid) sample at all are ignored and listed in ``empty_classes``.
+    Draws use ``numpy.random.default_rng(seed)``, class by class in increasing class order:
+    deterministic for a given seed.
+
+    Args:
+        keep: bool [N_samples] from :func:`select_clean` (``CleanSelection.keep``).
+        labels: labels [N_samples] in ``[0, num_classes)``.
+        num_classes: C.
+        losses: per-sample losses [N_samples] (only used to rank a fallback class's samples).
+        fallback_k, min_per_class: the fallback rule above (recipe ``cleanse.fallback_k``,
+            ``cleanse.min_per_class``).
+        seed: seed of the draws (the trainer derives one per epoch: the subset is redrawn).
+        valid: optional bool mask; invalid samples are never selected (their loss may be NaN).
+
+    Example: class 0 keeps 3, class 1 keeps 2, class 2 keeps none and falls back to its 2 lowest
+    losses (fallback_k=2), class 3 has no sample; so N = 2.
+
+    >>> keep   = [1, 1, 1, 0,  1, 1, 0,  0, 0, 0]
+    >>> labels = [0, 0, 0, 0,  1, 1, 1,  2, 2, 2]
+    >>> losses = [.1, .2, .3, 2., .1, .2, 3., .9, .5, .7]
+    >>> sub = balanced_subset(keep, labels, num_classes=4, losses=losses, fallback_k=2, seed=0)
+    >>> sub.n_per_class, sub.per_class.tolist(), sub.fallback_classes, sub.empty_classes
+    (2, [2, 2, 2, 0], (2,), (3,))
+    >>> sub.indices[sub.indices >= 7].tolist()  # class 2: its two lowest losses
+    [8, 9]
+    """
+    if int(fallback_k) != fallback_k or fallback_k < 1:
+        raise ValueError(f"fallback_k must be an int >= 1, got {fallback_k}")
+    if int(min_per_class) != min_per_class or min_per_class < 1:
+        raise ValueError(f"min_per_class must be an int >= 1, got {min_per_class}")
+    cpu = torch.device("cpu")
+    K = _as_1d("keep", keep, torch.bool, cpu)
+    L = _as_1d("losses", losses, torch.float64, cpu)
+    Y = _as_1d("labels", labels, torch.int64, cpu)
+    V = None if valid is None else _as_1d("valid", valid, torch.bool, cpu)
+    if K.shape[0] != L.shape[0]:
+        raise ValueError(f"keep has {K.shape[0]} entries, losses has {L.shape[0]}")
+    V = _check_common(L, Y, V, num_classes)
+    C = int(num_classes)
+    v = np.ones(K.shape[0], dtype=bool) if V is None else V.numpy()
+    k, loss, y = K.numpy() & v, L.numpy(), Y.numpy()
+
+    counts = np.bincount(y[v], minlength=C)
+    kept = np.bincount(y[k], minlength=C)
+    empty = counts == 0
+    fallback = ~empty & (kept < min_per_class)
+    pool = k.copy()
+    if fallback.any():
+        cand = np.flatnonzero(v & fallback[np.where(v, y, 0)])
+        pool[cand] = False
+        # Sort the candidates by (class, loss, index): lexsort's last key is the primary one.
+        cand = cand[np.lexsort((cand, loss[cand], y[cand]))]
+        start = np.searchsorted(y[cand], y[cand], side="left")
+        rank = np.arange(cand.size) - start
+        pool[cand[rank < fallback_k]] = True
+    available = np.bincount(y[pool], minlength=C).astype(np.int64)
+    n_per = int(available[~empty].min()) if (~empty).any() else 0
+
+    rng = np.random.default_rng(seed)
+    members = np.flatnonzero(pool)
+    members = members[np.argsort(y[members], kind="stable")]
+    bounds = np.searchsorted(y[members], np.arange(C + 1))
+    chosen = []
+    for c in np.flatnonzero(~empty):
+        m = members[bounds[c]:bounds[c + 1]]
+        chosen.append(m[rng.choice(m.size, size=n_per, replace=False)])
+    indices = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    selected = np.zeros(y.shape[0], dtype=bool)
+    selected[indices] = True
+    return BalancedSubset(
+        selected=selected, indices=indices.astype(np.int64),
+        per_class=np.bincount(y[indices], minlength=C).astype(np.int64), n_per_class=n_per,
+        available_per_class=available,
+        fallback_classes=tuple(int(c) for c in np.flatnonzero(fallback)),
+        empty_classes=tuple(int(c) for c in np.flatnonzero(empty)),
+    )
