@@ -213,7 +213,9 @@ class _GraphStep:
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records only: pos and gstep do not advance here
+        # records only (pos and gstep do not advance); thread_local: a DataLoader pin-memory
+        # thread touching CUDA meanwhile must not invalidate the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._body()
         self.graph = graph
 
