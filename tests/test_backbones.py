@@ -125,6 +125,20 @@ def test_clip_mean_pooling_export_matches_transformers(tmp_path):
         torch.testing.assert_close(hf(pixel_values=x).logits, bb(x), rtol=1e-5, atol=1e-6)
 
 
+def test_export_from_a_consolidated_state_dict(tmp_path):
+    # what the trainer does after ZeRO: export the consolidated weights, not the live (partitioned) ones
+    bb = load_backbone(ModelSection(family="vit", config=V), num_classes=3)
+    sd = {k: v.clone() for k, v in bb.state_dict().items()}
+    sd["model.classifier.weight"].zero_()
+    sd["model.classifier.bias"].fill_(0.25)
+    sd["model.vit.layernorm.bias"].fill_(1.0)
+    again = load_exported(bb.save_pretrained(tmp_path / "e", state_dict=sd))
+    assert torch.all(again.head.weight == 0) and torch.all(again.head.bias == 0.25)
+    assert torch.all(again.model.vit.layernorm.bias == 1.0)
+    with torch.no_grad():
+        assert torch.all(again(torch.randn(2, 3, 32, 32)) == 0.25)
+
+
 @pytest.mark.parametrize("family,config,dim", [
     ("vit", V, 32), ("vit_mae", V, 32), ("vit_msn", V, 32), ("clip", V, 32),
     ("dinov2", {**V, "patch_size": 14, "image_size": 28}, 64),

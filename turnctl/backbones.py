@@ -73,14 +73,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from turnctl.errors import TurnctlError
 from turnctl.recipe import FAMILIES, ModelSection
-from turnctl.transforms import IMAGENET_MEAN, IMAGENET_STD, RESAMPLE_BY_CODE, Preprocess
+from turnctl.transforms import RESAMPLE_BY_CODE, Preprocess
 
 log = logging.getLogger("turnctl")
 
@@ -559,7 +559,7 @@ class Backbone(nn.Module):
         return final
 
     def describe(self) -> str:
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())  # ZeRO-3: full sizes
         pp = self.preprocess
         return (f"{self.family} backbone ({type(self.model).__name__}, {n / 1e6:.1f}M params) from "
                 f"{self.source or 'random init'}: {self.feature_dim}-d {self.pooling} features, "
