@@ -132,6 +132,12 @@ def _check_common(losses: torch.Tensor, labels: torch.Tensor, valid: Optional[to
             raise ValueError(f"valid has {valid.shape[0]} entries, losses has {n}")
         if bool(valid.all()):
             valid = None
+    if valid is None and n > 0:
+        # Fast path, one pass each: min/max propagate NaN, so finite extremes mean finite losses.
+        lmin, lmax = (int(v) for v in torch.aminmax(labels))
+        fmin, fmax = (float(v) for v in torch.aminmax(losses))
+        if 0 <= lmin and lmax < num_classes and math.isfinite(fmin) and math.isfinite(fmax):
+            return None
     lab_ok = (labels >= 0) & (labels < num_classes)
     loss_ok = torch.isfinite(losses)
     if valid is not None:
@@ -239,15 +245,18 @@ def _init_two_means(seg: _Segments, n: torch.Tensor, lo: torch.Tensor, hi: torch
     scale = torch.where(fit, (B - 1) / torch.where(fit, hi - lo, 1.0), 0.0)
     off = torch.arange(C, device=x.device, dtype=x.dtype) * B + 0.5 - torch.where(fit, lo * scale, 0.0)
     flat = seg.gather(off, seg.b0).addcmul_(x, seg.gather(scale, seg.b1)).to(torch.int64)
-    hn = torch.bincount(flat, minlength=C * B).view(C, B).to(x.dtype)
-    hs = torch.bincount(flat, weights=x, minlength=C * B).view(C, B)
+    # scatter_add_ rather than bincount: no validation passes over the indices, and the counts
+    # come out in float64 directly (adding an expanded 1.0 per sample).
+    hn = x.new_zeros(C * B).scatter_add_(0, flat, x.new_ones(()).expand_as(x)).view(C, B).cumsum_(1)
+    hs = x.new_zeros(C * B).scatter_add_(0, flat, x).view(C, B).cumsum_(1)
     del flat
-    n0 = hn.cumsum(1)[:, :-1]  # split after bin j: cluster 0 = bins <= j
-    s0 = hs.cumsum(1)[:, :-1]
-    S = hs.sum(1)
-    n1 = n[:, None] - n0
-    s1 = S[:, None] - s0
-    score = torch.where((n0 > 0) & (n1 > 0), s0 * s0 / n0.clamp(min=1) + s1 * s1 / n1.clamp(min=1), -torch.inf)
+    # Split after bin j (cluster 0 = bins <= j): n0 = hn[:, j], s0 = hs[:, j]; totals in the last bin.
+    # For a fitted class bin 0 holds its minimum and bin B-1 its maximum, so n0, n1 >= 1 for every
+    # split and no masking is needed (other classes may produce NaN here; their result is unused).
+    n0, s0, S = hn[:, :-1], hs[:, :-1], hs[:, -1]
+    score = torch.mul(s0, s0).div_(n0)
+    s1 = torch.sub(S[:, None], s0)
+    score.add_(s1.mul_(s1).div_(torch.sub(n[:, None], n0)))
     j = score.argmax(1, keepdim=True)
     n0j, s0j = n0.gather(1, j)[:, 0], s0.gather(1, j)[:, 0]
     m0 = torch.where(fit, s0j / n0j.clamp(min=1), lo)
