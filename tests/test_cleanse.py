@@ -287,6 +287,8 @@ def test_shape_mismatch():
         select_clean([0.1, 0.2, 0.3], [0, 1], num_classes=2)
     with pytest.raises(ValueError, match="1-D"):
         select_clean(np.zeros((3, 2)), [0, 1, 1], num_classes=2)
+    with pytest.raises(ValueError, match="integers"):
+        select_clean([0.1, 0.2, 0.3], [0.0, 1.0, 1.7], num_classes=2)
 
 
 def test_internal_fast_paths_do_not_change_results(data, monkeypatch):

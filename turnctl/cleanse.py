@@ -31,6 +31,15 @@ Conventions (DESIGN.md §3, §4; recipe section ``cleanse``)
   - two distinct samples are a regular fit (each becomes its own component, as in scikit-learn).
 * **Invalid samples** (``valid=False``, e.g. undecodable images) take no part in normalisation or
   fitting, get ``clean_prob`` 0 and ``keep`` False; their loss may be NaN and their label anything.
+* **The fit** (:func:`select_clean`) reproduces scikit-learn's ``GaussianMixture(2, max_iter, tol,
+  reg_covar)`` per class, for all classes at once, in float64: the samples are grouped by class (a
+  sort of the labels) so that every per-class sum is a contiguous segment reduction; EM's
+  responsibilities, M-step and stopping rule (|change of the mean log-likelihood| < tol, checked
+  per class; a class that stops is frozen and leaves the working set) are scikit-learn's, and so
+  is the initialisation from a 2-means partition (see ``_init_two_means``). At the lineage
+  settings, decisions agree with a per-class scikit-learn loop on ~99.99% of samples, as often as
+  two scikit-learn runs with different seeds agree with each other; run to convergence, the
+  posteriors agree to float32 precision (``benchmarks/bench_select.py``, tests/test_cleanse.py).
 * Errors: a non-finite loss of a valid sample raises :class:`~turnctl.errors.TurnctlError` naming
   the first such sample (its position in ``losses``, which is the sample ``idx`` when losses are
   indexed by idx); a label outside ``[0, num_classes)`` raises :class:`~turnctl.errors.DataError`.
@@ -74,8 +83,8 @@ class CleanSelection:
 
     Per-sample arrays have length N (the length of ``losses``); per-class arrays have C rows. All
     mixture parameters live in the normalised loss space: ``(loss - loss_min) / (loss_max -
-    loss_min)`` (``loss_min=0, loss_max=1`` with ``normalize="none"``). Component 0 is the low-mean
-    (clean) one.
+    loss_min)`` (``loss_min=0, loss_max=1`` with ``normalize="none"``; every loss maps to 0 when
+    ``loss_min == loss_max``). Component 0 is the low-mean (clean) one.
     """
 
     clean_prob: np.ndarray  # float32 [N]: posterior of the low-mean component (0 for invalid samples)
@@ -112,6 +121,8 @@ def _as_1d(name: str, a: Any, dtype: torch.dtype, device: torch.device) -> torch
     t = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if dtype == torch.int64 and (t.is_floating_point() or t.is_complex()):
+        raise ValueError(f"{name} must be integers, got {t.dtype}")  # 1.7 must not become class 1
     return t.to(device=device, dtype=dtype)
 
 
@@ -226,12 +237,14 @@ def _init_two_means(seg: _Segments, n: torch.Tensor, lo: torch.Tensor, hi: torch
     where the between-cluster term s0^2/n0 + s1^2/n1 peaks. We find it for all classes at once: a
     per-class histogram (up to _INIT_BINS bins over the class's own range) locates the best split
     to within a bin, and vectorised Lloyd steps (threshold = midpoint of the two cluster means)
-    polish it to an exact Lloyd fixed point, which is what scikit-learn's KMeans stops at. When the
-    loss distribution has one clear valley (the usual clean/noisy picture) there is one such fixed
-    point, scikit-learn finds it too, and EM then starts from identical responsibilities and
-    follows the same trajectory up to rounding: that is why the decisions agree even when both
-    stop after 10 iterations. Where the 2-means objective is flat (no valley), several fixed points
-    exist and scikit-learn's choice depends on its random seed; we take the global optimum.
+    polish it to an exact Lloyd fixed point, which is what scikit-learn's KMeans converges to. When
+    there is one fixed point near the optimum, scikit-learn reaches it too, EM starts from
+    identical responsibilities and follows the same trajectory up to rounding: that is why the
+    decisions agree even when both stop after 10 iterations, far from convergence. Where the
+    2-means objective is flat near its optimum, adjacent fixed points a few samples apart exist;
+    scikit-learn lands on one of them depending on its random seed, we on the one next to the best
+    histogram split. The early-stopped EM results then differ by a few decisions (no more than
+    between two scikit-learn seeds), and not at all once EM has converged.
 
     Returns per-class (n1, s1, ss1): count, sum and sum of squares of the high cluster.
     """
