@@ -51,7 +51,13 @@ def load_model(path: Path):
 
     if _is_export(path):
         model = load_exported(path)
-        return model, dict(getattr(model, "metadata", {}) or {})
+        meta: Dict[str, Any] = {}
+        run_recipe = path.parent / "recipe.yaml"  # <run>/final or <run>/best: the run says which data
+        if run_recipe.is_file():
+            from turnctl.recipe import load_recipe
+
+            meta["shards"] = load_recipe(str(run_recipe)).data.shards
+        return model, meta
     # DeepSpeed checkpoint: <run>/checkpoints[/epoch_E]
     ckpt_root = path if (path / "latest").is_file() else path.parent
     tag = None if ckpt_root == path else path.name

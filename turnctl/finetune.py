@@ -13,7 +13,6 @@ epoch), which also makes a resumed run bit-compatible with an uninterrupted one.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -226,21 +225,12 @@ class FineTuner:
                 out[name] = b.detach().cpu().clone()
         return out if dist.rank() == 0 else None
 
-    def export(self, out_dir: Path, *, metadata: Dict[str, Any]) -> None:
-        """Hugging Face format (config + safetensors, classifier included), written atomically."""
+    def export(self, out_dir: Path, *, class_names: Sequence[str] = ()) -> None:
+        """Hugging Face format (config + safetensors, classifier included); collective, rank 0 writes
+        (the backbone writes to a temporary directory and renames it)."""
         state = self.full_state_dict()
         if dist.rank() == 0:
-            out_dir = Path(out_dir)
-            tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.backbone.save_pretrained(tmp, state_dict=state, metadata=metadata)
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
+            self.backbone.save_pretrained(Path(out_dir), state_dict=state, class_names=list(class_names) or None)
         dist.barrier()
 
 

@@ -137,7 +137,7 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         if improved:
             best = {"score": score, "epoch": epoch, "test_accuracy": evals.get("test_accuracy"),
                     "val_accuracy": evals.get("val_accuracy")}
-            tuner.export(run.best, metadata=_export_meta(recipe, train, epoch))
+            tuner.export(run.best, class_names=train.class_names)
         tuner.save_checkpoint(run.checkpoints, epoch=epoch, keep=recipe.output.keep_checkpoints,
                               client_state={"epoch": epoch + 1, "best": best, "history": run.history,
                                             "recipe_digest": recipe.digest()})
@@ -151,7 +151,7 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
             result.update({"stopped_after_epoch": epoch, "wall_time_s": time.time() - t_start})
             return result
     if tuner is not None and recipe.output.export_final:
-        tuner.export(run.final, metadata=_export_meta(recipe, train, fft_epochs - 1))
+        tuner.export(run.final, class_names=train.class_names)
     last = run.history[-1] if run.history else {}
     result.update({
         "test_accuracy": {"best": best.get("test_accuracy"), "last": last.get("test_accuracy")},
@@ -161,11 +161,6 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     })
     run.write_summary(result)
     return result
-
-
-def _export_meta(recipe: Recipe, train: SplitInfo, epoch: int) -> Dict[str, Any]:
-    return {"recipe": recipe.name, "method": recipe.method, "epoch": epoch, "shards": recipe.data.shards,
-            "class_names": list(train.class_names), "num_classes": train.num_classes}
 
 
 def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf, *, loss: str) -> Dict[str, Any]:
@@ -212,7 +207,7 @@ def _finish_lp(recipe, run, backbone, probe_out, result, t_start) -> Dict[str, A
     best_test = max((h.get("test_acc") for h in hist if h.get("test_acc") is not None), default=None)
     if dist.rank() == 0 and recipe.output.export_final:
         train = open_split(recipe.data.shards, recipe.data.train_split)
-        backbone.save_pretrained(run.final, metadata=_export_meta(recipe, train, recipe.probe.epochs - 1))
+        backbone.save_pretrained(run.final, class_names=list(train.class_names))
     dist.barrier()
     result.update({"test_accuracy": {"best": best_test, "last": last.get("test_acc")},
                    "val_accuracy": {"best": max((h.get("val_acc") for h in hist if h.get("val_acc") is not None), default=None),
