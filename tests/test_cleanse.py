@@ -79,12 +79,26 @@ def test_matches_converged_sklearn(data, converged_pair):
     assert np.median(losses[vec.keep]) < np.median(losses[~vec.keep])
 
 
-def best_two_means_split(v):
-    """Size of the low cluster of the globally optimal 1-D 2-means partition (by sorting)."""
-    v = np.sort(v)
-    k = np.arange(1, v.size)
-    cs = np.cumsum(v)[:-1]
-    return int(k[np.argmax(cs**2 / k + (v.sum() - cs) ** 2 / (v.size - k))])
+def our_initial_split(v):
+    """Size of the low cluster of the 2-means partition select_clean starts EM from (one class)."""
+    x = torch.from_numpy(np.asarray(v, dtype=np.float64))
+    buf = tuple(torch.empty_like(x) for _ in range(3))
+    seg = cleanse._Segments(x, torch.zeros(x.numel(), dtype=torch.int32), torch.tensor([x.numel()]), buf)
+    n1, _, _ = cleanse._init_two_means(seg, torch.tensor([float(x.numel())], dtype=torch.float64),
+                                       x.min()[None], x.max()[None], torch.tensor([True]))
+    return x.numel() - int(n1[0])
+
+
+def test_initial_split_is_a_two_means_optimum():
+    """On a clear two-mode class, the start is the globally optimal 2-means split (checked by sorting)."""
+    rng = np.random.default_rng(5)
+    v = np.concatenate([rng.gamma(2.0, 0.1, 700), rng.normal(3.0, 0.5, 300)])
+    s = np.sort(v)
+    k = np.arange(1, s.size)
+    cs = np.cumsum(s)[:-1]
+    best = int(k[np.argmax(cs**2 / k + (s.sum() - cs) ** 2 / (s.size - k))])
+    assert our_initial_split(v) == best
+    assert our_initial_split(v[::-1].copy()) == best  # independent of the sample order
 
 
 def test_lineage_defaults_agree_with_sklearn(data):
@@ -100,14 +114,14 @@ def test_lineage_defaults_agree_with_sklearn(data):
     same = (vec.n_iter == ref.n_iter) & np.isclose(vec.lower_bound, ref.lower_bound, rtol=1e-9, atol=1e-12)
     assert same.mean() >= 0.85
     np.testing.assert_allclose(vec.means[same], ref.means[same], atol=1e-6)
-    # ... and where they differ, scikit-learn's seeded KMeans started from another Lloyd fixed
-    # point than the optimal 2-means split we start from (a flat 2-means objective, no valley).
+    # ... and where they differ, scikit-learn's seeded KMeans started EM from another 2-means
+    # partition (another Lloyd fixed point of a flat objective) than ours.
     x = (losses - losses.min()) / (losses.max() - losses.min())
     for c in np.flatnonzero(~same):
         xc = x[labels == c]
         km = KMeans(2, n_init=1, random_state=0).fit(xc[:, None])
         low = int(np.argmin(km.cluster_centers_[:, 0]))
-        assert (km.labels_ == low).sum() != best_two_means_split(xc), c
+        assert (km.labels_ == low).sum() != our_initial_split(xc), c
 
 
 def test_class_stops_updating_once_within_tol(data):
