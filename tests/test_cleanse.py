@@ -111,7 +111,8 @@ def test_lineage_defaults_agree_with_sklearn(data):
     ref = fit_reference_sklearn(losses, labels, num_classes=C)
     assert (vec.keep == ref.keep).mean() >= 0.99
     # Identical trajectories (same stopping step, same lower bound) on most classes ...
-    same = (vec.n_iter == ref.n_iter) & np.isclose(vec.lower_bound, ref.lower_bound, rtol=1e-9, atol=1e-12, equal_nan=True)
+    same = (vec.n_iter == ref.n_iter) & np.isclose(vec.lower_bound, ref.lower_bound, rtol=1e-9, atol=1e-12,
+                                                   equal_nan=True)
     assert same.mean() >= 0.85
     np.testing.assert_allclose(vec.means[same], ref.means[same], atol=1e-6)
     # ... and where they differ, scikit-learn's seeded KMeans started EM from another 2-means
