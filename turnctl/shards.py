@@ -61,6 +61,7 @@ import random
 import tarfile
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
                     Sequence, Tuple, Union)
@@ -81,6 +82,9 @@ META_EXTS = ("idx", "cls", "clean.cls")
 # Train mode: this many undecodable samples in a row on one worker means the data is broken (or the
 # transform is): stop with a DataError instead of spinning over the shards forever.
 MAX_CONSECUTIVE_CORRUPT = 10_000
+
+# Raw samples a worker pulls before decoding them back to back (see _Decode).
+DECODE_CHUNK = 32
 
 # Rate limit of the per-worker warnings about bad samples: the first few, then one per interval.
 _WARN_FIRST = 3
@@ -276,8 +280,10 @@ class ToTensorResize:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), self.resample)
-        a = np.array(img, dtype=np.uint8)  # HWC, writable copy
-        return torch.from_numpy(a).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        # Contiguous CHW like turnctl.transforms: batching is then a plain copy (a permuted HWC view
+        # costs ~4x more to stack).
+        a = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+        return torch.from_numpy(a).to(torch.float32).div_(255.0)
 
     def __repr__(self) -> str:
         return f"ToTensorResize({self.size})"
@@ -699,11 +705,17 @@ class _SampleShuffle:
 
 class _Decode:
     """Decode + transform in the worker. ``skip=True`` (train): undecodable samples are counted and
-    dropped. ``skip=False`` (exact): they become a zero image with ``ok=False``."""
+    dropped. ``skip=False`` (exact): they become a zero image with ``ok=False``.
+
+    Raw samples are pulled ``chunk`` at a time and then decoded back to back: alternating tar
+    parsing and image decoding sample by sample was measurably slower (~5% at CIFAR sizes; the two
+    compete for the CPU's caches), see benchmarks/bench_reader.py. The upstream counters (read,
+    filtered) therefore run up to ``chunk`` samples ahead of the batches; ``corrupt`` does not.
+    """
 
     def __init__(self, transform: Callable, counters: _Counters, *, skip: bool,
-                 max_consecutive: Optional[int] = None):
-        self.transform, self.counters, self.skip = transform, counters, skip
+                 max_consecutive: Optional[int] = None, chunk: int = DECODE_CHUNK):
+        self.transform, self.counters, self.skip, self.chunk = transform, counters, skip, chunk
         self.max_consecutive = MAX_CONSECUTIVE_CORRUPT if max_consecutive is None else max_consecutive
 
     def _zero(self, shape: Optional[torch.Size]) -> torch.Tensor:
@@ -712,21 +724,25 @@ class _Decode:
         return torch.zeros(shape, dtype=torch.float32)
 
     def __call__(self, src):
-        c, transform = self.counters, self.transform
+        c, transform, skip = self.counters, self.transform, self.skip
         shape: Optional[torch.Size] = None
         in_a_row = 0
-        for idx, cls, clean, data, key, url in src:
-            try:
-                if data is None:
-                    raise ValueError("no image member (jpg/jpeg/png/webp) or bad label")
-                x = transform(decode_image(data))
-                shape = x.shape
-                in_a_row = 0
-                yield idx, cls, clean, 1, x
-            except Exception as exn:  # noqa: BLE001 -- any decode/transform failure is per sample
-                c.corrupt += 1
-                c.warn(f"{key} in {url}: cannot decode ({type(exn).__name__}: {exn})")
-                if self.skip:
+        it = iter(src)
+        while True:
+            chunk = list(islice(it, self.chunk))
+            if not chunk:
+                return
+            for idx, cls, clean, data, key, url in chunk:
+                try:
+                    if data is None:
+                        raise ValueError("no image member (jpg/jpeg/png/webp) or bad label")
+                    x = transform(decode_image(data))
+                except Exception as exn:  # noqa: BLE001 -- any decode/transform failure is per sample
+                    c.corrupt += 1
+                    c.warn(f"{key} in {url}: cannot decode ({type(exn).__name__}: {exn})")
+                    if not skip:
+                        yield idx, cls, clean, 0, self._zero(shape)
+                        continue
                     in_a_row += 1
                     if in_a_row >= self.max_consecutive:
                         raise DataError(
@@ -734,7 +750,9 @@ class _Decode:
                             f"the shards or the transform are broken"
                         ) from exn
                     continue
-                yield idx, cls, clean, 0, self._zero(shape)
+                shape = x.shape
+                in_a_row = 0
+                yield idx, cls, clean, 1, x
 
 
 class _Batch:
@@ -746,15 +764,28 @@ class _Batch:
     batch was made: the main process keeps the last one it consumed per worker. With ``partial``
     (finite, exact-mode streams) the last short batch is emitted too, followed by a stats-only
     trailer ``{"stats": ...}`` so that the final counts arrive even from a worker that made no batch.
+
+    In a DataLoader worker the images are stacked into recycled shared-memory buffers
+    (:class:`_ShmPool`) instead of a fresh tensor per batch.
     """
 
     def __init__(self, batch_size: int, counters: _Counters, *, partial: bool):
         self.batch_size, self.counters, self.partial = batch_size, counters, partial
+        self.pool: Optional[_ShmPool] = None
 
     def _emit(self, rows):
         meta = np.array([r[:4] for r in rows], dtype=np.int64).T.copy()  # rows contiguous
-        return {"image": torch.stack([r[4] for r in rows]), "meta": meta,
-                "stats": self.counters.snapshot()}
+        xs = [r[4] for r in rows]
+        out = {"meta": meta, "stats": self.counters.snapshot()}
+        if torch.utils.data.get_worker_info() is not None:
+            if self.pool is None:
+                self.pool = _ShmPool(self.batch_size)
+            slot, buf = self.pool.take(len(xs), xs[0])
+            if buf is not None:
+                out.update(image=torch.stack(xs, out=buf), slot=slot, flags=self.pool.flags)
+                return out
+        out["image"] = torch.stack(xs)
+        return out
 
     def __call__(self, src):
         rows: List[Any] = []
@@ -767,6 +798,49 @@ class _Batch:
             if rows:
                 yield self._emit(rows)
             yield {"stats": self.counters.snapshot()}
+
+
+# Buffers per worker: the DataLoader keeps at most prefetch_factor (2) batches of a worker in flight,
+# plus the one being built.
+_POOL_SLOTS = 3
+
+
+class _ShmPool:
+    """A worker's recycled shared-memory batch buffers.
+
+    A tensor sent from a worker goes through shared memory; a fresh segment per batch means the
+    kernel maps and zeroes every page again, which measured ~3 ms per 3 MB batch (about as long as
+    decoding 15 CIFAR JPEGs): 20% of a worker's time at 64 px. Instead each worker stacks into one of
+    a few buffers that stay mapped in both processes; the main process copies the batch out and
+    clears the slot's flag (:func:`_stream`), so a buffer is only refilled after it was copied. If
+    no slot is free (it cannot happen with the DataLoader's prefetch limit) a fresh tensor is used.
+    """
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.key: Optional[Tuple[Any, ...]] = None
+        self.bufs: List[torch.Tensor] = []
+        self.flags: Optional[torch.Tensor] = None
+        self._flags_np: Optional[np.ndarray] = None
+
+    def take(self, n: int, x0: torch.Tensor) -> Tuple[Optional[int], Optional[torch.Tensor]]:
+        key = (tuple(x0.shape), x0.dtype)
+        if key != self.key:
+            try:
+                self.bufs = [torch.empty((self.batch_size,) + key[0], dtype=x0.dtype).share_memory_()
+                             for _ in range(_POOL_SLOTS)]
+            except RuntimeError:  # no shared memory to spare: plain tensors
+                self.key = None
+                return None, None
+            self.flags = torch.zeros(_POOL_SLOTS, dtype=torch.int32).share_memory_()
+            self._flags_np = self.flags.numpy()
+            self.key = key
+        flags = self._flags_np
+        for j in range(_POOL_SLOTS):
+            if flags[j] == 0:
+                flags[j] = 1
+                return j, self.bufs[j][:n]
+        return None, None
 
 
 def _identity(x):
@@ -806,9 +880,21 @@ def _stream(pipeline: wds.DataPipeline, num_workers: int, *, generator: Optional
         multiprocessing_context=mp_context,
     )
     it = iter(loader)
+    # Received pool buffers, kept referenced so that torch's shared-storage cache maps each one into
+    # this process only once (a dropped storage would be mapped again, page by page, next time).
+    held: Dict[Tuple[int, int], Any] = {}
     try:
-        yield from it
+        for b in it:
+            slot = b.pop("slot", None)
+            if slot is not None:
+                flags = b.pop("flags")
+                buf = b["image"]
+                b["image"] = buf.clone()   # copy out, then hand the buffer back to the worker
+                flags[slot] = 0
+                held[(int(b["stats"][0]), slot)] = (buf, flags)
+            yield b
     finally:
+        held.clear()
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
@@ -1179,9 +1265,10 @@ class TrainLoader:
 
     def stats(self) -> Dict[str, Any]:
         """After an epoch, summed over this rank's workers: ``steps``, ``seen`` (rows yielded =
-        steps x batch_size), and, as of each worker's last consumed batch, ``read`` (samples taken
-        from the tar streams, including those still in the shuffle buffer), ``kept``, ``filtered``
-        (dropped by keep_idx, never decoded), ``corrupt`` (undecodable or malformed, skipped),
+        steps x batch_size), and, as of each worker's last consumed batch, ``corrupt``
+        (undecodable or malformed samples skipped before its last row), ``read`` (samples taken
+        from the tar streams, including read-ahead: the shuffle buffer and up to DECODE_CHUNK
+        samples waiting to be decoded), ``kept``, ``filtered`` (dropped by keep_idx, never decoded),
         ``errors`` (stream-level), ``passes`` (most passes any worker made over its shards),
         ``fallback`` (workers that had to read all shards), ``workers``."""
         return dict(self._stats)
