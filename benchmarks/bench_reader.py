@@ -4,6 +4,8 @@ The limit is what one core can do with the same JPEGs and the same transform and
 
     limit (memory): for b in jpeg_bytes: ToTensorResize(s)(decode_image(b))   # no I/O at all
     limit (files):  the same, reading each JPEG from its own file in a temp dir
+    limit (batched): the memory loop plus torch.stack of every --batch-size outputs (the cost of
+                    materialising batches, which the reader must pay and a bare loop does not)
 
 The reader runs the whole pipeline (tar parsing, grouping, idx/cls parsing, decode, transform,
 batching) on shards holding the same JPEGs:
@@ -126,6 +128,22 @@ def run_limit_memory(jpegs, tf):
     return len(jpegs), time.perf_counter() - t0, time.process_time() - c0
 
 
+def run_limit_batched(jpegs, tf, bs):
+    """The memory loop plus torch.stack every bs samples: what materialising batches costs alone
+    (at 224 px a batch of 64 is 38 MB, above glibc's 32 MB mmap ceiling, so every batch is fresh,
+    page-faulted memory in any PyTorch pipeline)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    rows = []
+    for b, _ in jpegs:
+        rows.append(tf(S.decode_image(b)))
+        if len(rows) == bs:
+            torch.stack(rows)
+            rows = []
+    if rows:
+        torch.stack(rows)
+    return len(jpegs), time.perf_counter() - t0, time.process_time() - c0
+
+
 def run_limit_files(paths, tf):
     t0, c0 = time.perf_counter(), time.process_time()
     for p in paths:
@@ -204,12 +222,13 @@ def main() -> None:
                                           "shard_sizes": info.shard_sizes[:k],
                                           "num_samples": sum(info.shard_sizes[:k])})
                 n = sub_info.num_samples
-            runs = {k: [] for k in ("limit_memory", "limit_files", "exact_inproc", "train_inproc",
-                                    "train_1worker")}
+            runs = {k: [] for k in ("limit_memory", "limit_files", "limit_batched", "exact_inproc",
+                                    "train_inproc", "train_1worker")}
             run_limit_memory(jpegs[:64], tf)  # warm-up (imports, allocator)
             for _ in range(args.repeats):
                 runs["limit_memory"].append(run_limit_memory(jpegs[:n], tf))
                 runs["limit_files"].append(run_limit_files(files[:n], tf))
+                runs["limit_batched"].append(run_limit_batched(jpegs[:n], tf, args.batch_size))
                 runs["exact_inproc"].append(run_exact(sub_info, tf, args.batch_size))
                 runs["train_inproc"].append(run_train(sub_info, tf, args.batch_size, 0))
                 runs["train_1worker"].append(run_train(sub_info, tf, args.batch_size, 1, args.worker_passes))
@@ -226,6 +245,9 @@ def main() -> None:
                                             for k in ("exact_inproc", "train_inproc", "train_1worker")}
             res["ratio_vs_limit_files"] = {k: round(res[k]["per_cpu_s"] / limf, 3)
                                            for k in ("exact_inproc", "train_inproc", "train_1worker")}
+            limb = res["limit_batched"]["per_cpu_s"]
+            res["ratio_vs_limit_batched"] = {k: round(res[k]["per_cpu_s"] / limb, 3)
+                                             for k in ("exact_inproc", "train_inproc", "train_1worker")}
             results[f"{size}px"] = res
             print(f"{size}px: " + json.dumps(res), flush=True)
     out = {

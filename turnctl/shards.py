@@ -782,7 +782,11 @@ class _Batch:
                 self.pool = _ShmPool(self.batch_size)
             slot, buf = self.pool.take(len(xs), xs[0])
             if buf is not None:
-                out.update(image=torch.stack(xs, out=buf), slot=slot, flags=self.pool.flags)
+                torch.stack(xs, out=buf[:len(xs)])
+                out.update(slot=slot, pool=self.pool.generation, rows=len(xs))
+                if slot not in self.pool.sent:  # first use: the buffer itself travels (once)
+                    self.pool.sent.add(slot)
+                    out.update(image=buf, flags=self.pool.flags)
                 return out
         out["image"] = torch.stack(xs)
         return out
@@ -812,7 +816,9 @@ class _ShmPool:
     kernel maps and zeroes every page again, which measured ~3 ms per 3 MB batch (about as long as
     decoding 15 CIFAR JPEGs): 20% of a worker's time at 64 px. Instead each worker stacks into one of
     a few buffers that stay mapped in both processes; the main process copies the batch out and
-    clears the slot's flag (:func:`_stream`), so a buffer is only refilled after it was copied. If
+    clears the slot's flag (:func:`_stream`), so a buffer is only refilled after it was copied. A
+    buffer crosses the process boundary once (its first batch); later batches name it by
+    ``(pool generation, slot)``: passing a tensor costs a file-descriptor hand-over each time. If
     no slot is free (it cannot happen with the DataLoader's prefetch limit) a fresh tensor is used.
     """
 
@@ -822,6 +828,8 @@ class _ShmPool:
         self.bufs: List[torch.Tensor] = []
         self.flags: Optional[torch.Tensor] = None
         self._flags_np: Optional[np.ndarray] = None
+        self.generation = 0          # bumped when the buffers are replaced (new image shape)
+        self.sent: set = set()       # slots whose buffer the main process already holds
 
     def take(self, n: int, x0: torch.Tensor) -> Tuple[Optional[int], Optional[torch.Tensor]]:
         key = (tuple(x0.shape), x0.dtype)
@@ -835,11 +843,13 @@ class _ShmPool:
             self.flags = torch.zeros(_POOL_SLOTS, dtype=torch.int32).share_memory_()
             self._flags_np = self.flags.numpy()
             self.key = key
+            self.generation += 1
+            self.sent = set()
         flags = self._flags_np
         for j in range(_POOL_SLOTS):
             if flags[j] == 0:
                 flags[j] = 1
-                return j, self.bufs[j][:n]
+                return j, self.bufs[j]
         return None, None
 
 
@@ -880,18 +890,18 @@ def _stream(pipeline: wds.DataPipeline, num_workers: int, *, generator: Optional
         multiprocessing_context=mp_context,
     )
     it = iter(loader)
-    # Received pool buffers, kept referenced so that torch's shared-storage cache maps each one into
-    # this process only once (a dropped storage would be mapped again, page by page, next time).
-    held: Dict[Tuple[int, int], Any] = {}
+    # The workers' pool buffers, by (worker, pool generation, slot): see _ShmPool.
+    held: Dict[Tuple[int, int, int], Any] = {}
     try:
         for b in it:
             slot = b.pop("slot", None)
             if slot is not None:
-                flags = b.pop("flags")
-                buf = b["image"]
-                b["image"] = buf.clone()   # copy out, then hand the buffer back to the worker
+                key = (int(b["stats"][0]), b.pop("pool"), slot)
+                if "flags" in b:  # the first batch in this buffer brings the buffer itself
+                    held[key] = (b.pop("image"), b.pop("flags"))
+                buf, flags = held[key]
+                b["image"] = buf[:b.pop("rows")].clone()  # copy out, then hand the buffer back
                 flags[slot] = 0
-                held[(int(b["stats"][0]), slot)] = (buf, flags)
             yield b
     finally:
         held.clear()
