@@ -130,6 +130,10 @@ class FineTuner:
                               seed=seed, rank=dist.rank(), world_size=self.world, num_workers=num_workers,
                               shuffle_buffer=data.shuffle_buffer, keep_idx=keep_idx, steps=steps)
         self.engine.train()
+        if ft.freeze_norm_stats:
+            for m in self.module.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         total_epochs = max(1, ft.epochs)
         t0 = time.time()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -145,6 +145,9 @@ class FinetuneSection(Section):
     warmup_steps: int = Field(default=0, ge=0)
     schedule: Literal["constant", "cosine"] = "cosine"
     gradient_clipping: float = Field(default=1.0, ge=0.0)
+    # Keep BatchNorm layers in eval mode while fine-tuning: their running statistics stay those the
+    # probe's features were computed with. Helps small per-rank batches on a shifted domain.
+    freeze_norm_stats: bool = False
     eval_batch_size: int = Field(default=256, ge=1)
 
 

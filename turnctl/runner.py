@@ -76,7 +76,6 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         raise TurnctlError(f"method '{recipe.method}' is not available yet; available: {', '.join(sorted(SUPPORTED))}")
     t_start = time.time()
     dist.init_distributed(recipe.deepspeed.timeout_minutes)
-    dist.set_seed(recipe.seed)
     run = RunDir.open(recipe, resume=resume)
     splits = open_splits(recipe)
     train = splits["train"]
@@ -90,8 +89,12 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     from turnctl.transforms import eval_transform, train_transform
 
     ds_config = recipe.deepspeed_config(dist.world_size(), "cuda" if torch.cuda.is_available() else "cpu")
+    # The same seed on every rank while the model is built: a randomly initialised backbone or head
+    # must be identical everywhere (the LP baselines extract features without DeepSpeed's broadcast).
+    dist.set_seed(recipe.seed, per_rank=False)
     backbone = load_backbone(recipe.model, num_classes=num_classes,
                              ds_config=ds_config if needs_fft and recipe.deepspeed.zero_stage == 3 else None)
+    dist.set_seed(recipe.seed)
     eval_tf = eval_transform(backbone.preprocess)
     train_tf = train_transform(backbone.preprocess, recipe.data.augment)
     log.info("run %s: method %s, %d classes, %d train samples, world size %d", run.path, method,
