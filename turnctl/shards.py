@@ -12,7 +12,9 @@ Two ways to read a split, one per use:
   split (so the shard -> rank partition changes every epoch), node and worker splitting, every
   worker cycling over its shards so it never starves, an optional ``keep_idx`` filter (the clean
   subset) applied *before* image decoding, a sample shuffle buffer, and a hard cut at exactly
-  ``.steps`` batches on every rank. Corrupt samples are counted and skipped.
+  ``.steps`` batches on every rank. Corrupt samples are counted and skipped. With fewer shards
+  than readers (ranks x workers) the shards are shared in interleaved parts rather than refused
+  (``share_shards=False`` refuses with a DataError instead).
 
 Both build an explicit :class:`webdataset.DataPipeline` (in the style of open_clip's ``data.py``)
 whose stages are module-level, picklable objects, so the same pipeline runs in-process
@@ -28,7 +30,10 @@ Reading is deliberately narrower than ``webdataset.WebDataset``:
   of each shard). Python's ``tarfile`` costs ~0.1 ms per member, more than decoding a small JPEG,
   and would cap a worker at ~40% of PIL's decode rate (see benchmarks/bench_reader.py);
 * errors are counted by a :class:`CountingHandler` with rate-limited logging, never webdataset's
-  ``warn_and_continue`` (which sleeps 0.5 s per bad sample).
+  ``warn_and_continue`` (which sleeps 0.5 s per bad sample);
+* DataLoader workers stack batches into a few recycled shared-memory buffers (:class:`_ShmPool`)
+  instead of a fresh shared tensor per batch, and decode raw samples in chunks (:class:`_Decode`):
+  both measured, see benchmarks/bench_reader.py and benchmarks/results/reader.json.
 
 The rank and world size are explicit arguments (callers pass ``turnctl.distributed.rank()`` /
 ``world_size()``) rather than read from the environment by ``wds.split_by_node``: the split is then
@@ -77,7 +82,6 @@ log = logging.getLogger("turnctl.shards")
 
 FORMAT = "turnctl-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-META_EXTS = ("idx", "cls", "clean.cls")
 
 # Train mode: this many undecodable samples in a row on one worker means the data is broken (or the
 # transform is): stop with a DataError instead of spinning over the shards forever.
@@ -690,7 +694,7 @@ class _SampleShuffle:
 
     def __call__(self, src):
         c = self.counters
-        rng = random.Random(f"turnctl-samples:{self.seed}:{self.epoch}:{self.rank}:{c.worker}")
+        rng = random.Random(f"turnctl-samples:{self.seed}:{self.epoch}:{self.rank}:{_worker_id()}")
         buf: List[Any] = []
         for s in src:
             buf.append(s)
@@ -718,14 +722,15 @@ class _Decode:
         self.transform, self.counters, self.skip, self.chunk = transform, counters, skip, chunk
         self.max_consecutive = MAX_CONSECUTIVE_CORRUPT if max_consecutive is None else max_consecutive
 
-    def _zero(self, shape: Optional[torch.Size]) -> torch.Tensor:
-        if shape is None:
-            shape = self.transform(Image.new("RGB", (32, 32))).shape
-        return torch.zeros(shape, dtype=torch.float32)
+    def _zero(self, like: Optional[torch.Tensor]) -> torch.Tensor:
+        """Zeros shaped like the transform's output (the last good one, else a blank image's)."""
+        if like is None:
+            like = self.transform(Image.new("RGB", (32, 32)))
+        return torch.zeros_like(like)
 
     def __call__(self, src):
         c, transform, skip = self.counters, self.transform, self.skip
-        shape: Optional[torch.Size] = None
+        last: Optional[torch.Tensor] = None
         in_a_row = 0
         it = iter(src)
         while True:
@@ -741,7 +746,7 @@ class _Decode:
                     c.corrupt += 1
                     c.warn(f"{key} in {url}: cannot decode ({type(exn).__name__}: {exn})")
                     if not skip:
-                        yield idx, cls, clean, 0, self._zero(shape)
+                        yield idx, cls, clean, 0, self._zero(last)
                         continue
                     in_a_row += 1
                     if in_a_row >= self.max_consecutive:
@@ -750,7 +755,7 @@ class _Decode:
                             f"the shards or the transform are broken"
                         ) from exn
                     continue
-                shape = x.shape
+                last = x
                 in_a_row = 0
                 yield idx, cls, clean, 1, x
 
