@@ -12,7 +12,8 @@ export HF_HUB_OFFLINE=1
 
 shards=shards/digits-symmetric-0.6
 if [ ! -f "$shards/manifest.json" ]; then
-  turnctl prepare digits --noise symmetric:0.6 --noise-seed 0
+  # Several shards per split, so that every rank (and worker) reads shards of its own.
+  turnctl prepare digits --noise symmetric:0.6 --noise-seed 0 --shard-size 256
 fi
 rm -rf runs/demo
 deepspeed --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29517}" --module turnctl \
