@@ -82,10 +82,9 @@ def test_matches_converged_sklearn(data, converged_pair):
 def our_initial_split(v):
     """Size of the low cluster of the 2-means partition select_clean starts EM from (one class)."""
     x = torch.from_numpy(np.asarray(v, dtype=np.float64))
-    buf = tuple(torch.empty_like(x) for _ in range(3))
-    seg = cleanse._Segments(x, torch.zeros(x.numel(), dtype=torch.int32), torch.tensor([x.numel()]), buf)
-    n1, _, _ = cleanse._init_two_means(seg, torch.tensor([float(x.numel())], dtype=torch.float64),
-                                       x.min()[None], x.max()[None], torch.tensor([True]))
+    pc, lo = cleanse._Pieces.build(x, torch.zeros(x.numel(), dtype=torch.int64), 1)
+    n = pc.counts.to(torch.float64)
+    n1, _, _ = cleanse._init_two_means(pc, n, pc.max(pc.X), torch.tensor([True]))
     return x.numel() - int(n1[0])
 
 

@@ -196,39 +196,88 @@ def _resolve_device(losses: Any, device: Any) -> torch.device:
 
 # ---- the vectorised fit -----------------------------------------------------------------------
 
-class _Segments:
-    """Samples sorted by class: every per-class sum is a contiguous segment reduction (no scatter).
+class _Pieces:
+    """The valid samples grouped by class into rows ("pieces") of P samples.
 
-    ``buf`` is three float64 scratch vectors that every pass over the samples writes into: on CPU a
-    fresh multi-megabyte temporary costs page faults on each allocation, a sizeable share of a
-    memory-bound elementwise op. Compacted subsets share the same scratch.
+    Class c owns rows ``[row0_c, row0_c + k_c)``, ``k_c = ceil(n_c / P)``: its n_c samples, then
+    padding. Samples are stored relative to their class minimum (``x - lo_c >= 0``) and padding
+    is 0, so padding adds nothing to any x-weighted sum and never lies above a class threshold;
+    where it would count (responsibility mass, log-likelihood) a mask or a closed-form correction
+    removes it. Why this layout: a per-class sum becomes a dense row sum plus a tiny segment sum
+    over rows (several times faster on CPU than a segment reduction over the samples), and every
+    per-class constant is applied by broadcasting a [rows, 1] column instead of gathering one
+    value per sample. EM is translation-equivariant, so fitting the shifted losses gives the same
+    responsibilities; means are shifted back at the end.
+
+    ``buf`` is three [rows, P] float64 scratch arrays that every pass writes into (a fresh
+    multi-megabyte temporary costs page faults on each allocation); compacted subsets share them.
     """
 
-    def __init__(self, x: torch.Tensor, cls: torch.Tensor, counts: torch.Tensor, buf: Tuple[torch.Tensor, ...]):
-        self.x, self.cls, self.counts, self._buf = x, cls, counts, buf
-        self.b0, self.b1, self.b2 = (b[: x.shape[0]] for b in buf)
+    def __init__(self, X, M, row_cls, rows, counts, buf):
+        self.X, self.M, self.row_cls, self.rows, self.counts, self._buf = X, M, row_cls, rows, counts, buf
+        self.b0, self.b1, self.b2 = (b[: X.shape[0]] for b in buf)
+        self.npad = (rows * X.shape[1] - counts).to(X.dtype)  # padding slots per class
 
-    def sum(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.segment_reduce(v, "sum", lengths=self.counts)
+    @staticmethod
+    def build(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Tuple["_Pieces", torch.Tensor]:
+        """Group ``x`` (float64) by label ``y``; returns the pieces and the per-class minimum."""
+        C, n, dev = num_classes, x.shape[0], x.device
+        counts = torch.bincount(y, minlength=C)
+        # Rows of P: long enough for fast row reductions, short enough that padding (about P/2
+        # per class) stays a small share of the data; P <= 1000 keeps sum_log's products finite.
+        P = int(min(64, max(8, 1 << max(0, int(math.log2(max(n // max(C, 1), 1) / 4))))))
+        # Group by class with a stable sort of the labels (the losses need no sorting); narrow
+        # integer keys sort two to three times faster than int64, and int32 indexes fine.
+        ys, order = torch.sort(y.to(torch.int16 if C <= torch.iinfo(torch.int16).max else torch.int32), stable=True)
+        ys = ys.to(torch.int32)
+        xs = x.index_select(0, order)
+        del order
+        lo = torch.segment_reduce(xs, "min", lengths=counts)
+        rows = (counts + P - 1) // P
+        row0 = torch.cumsum(rows, 0) - rows
+        start = torch.cumsum(counts, 0) - counts
+        # sorted sample i of class c goes to flat slot row0_c * P + (i - start_c)
+        pos = torch.arange(n, device=dev).add_((row0 * P - start).index_select(0, ys))
+        R = int(rows.sum())
+        X = x.new_zeros(R * P).index_copy_(0, pos, xs.sub_(lo.index_select(0, ys))).view(R, P)
+        del pos, xs, ys
+        row_cls = torch.repeat_interleave(torch.arange(C, device=dev), rows)
+        # Samples fill each class's rows from the left: row r holds n_c - (r - row0_c) * P of them.
+        real = (counts.index_select(0, row_cls) - (torch.arange(R, device=dev) - row0.index_select(0, row_cls)) * P)
+        M = torch.lt(torch.arange(P, device=dev), real.clamp_(0, P)[:, None], out=x.new_empty(R, P))
+        buf = tuple(x.new_empty(R, P) for _ in range(3))
+        return _Pieces(X, M, row_cls, rows, counts, buf), lo
 
-    def gather(self, per_class: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return torch.index_select(per_class, 0, self.cls, out=out)
+    def sum(self, V: torch.Tensor) -> torch.Tensor:
+        """Per-class sums of a [rows, P] array (padding included: callers keep it at 0)."""
+        return torch.segment_reduce(V.sum(1), "sum", lengths=self.rows)
+
+    def max(self, V: torch.Tensor) -> torch.Tensor:
+        return torch.segment_reduce(V.amax(1), "max", lengths=self.rows)
+
+    def sum_log(self, V: torch.Tensor) -> torch.Tensor:
+        """Per-class sums of log(V) for V in [0.5, 1]: one log per row of products, not per sample
+        (a product of P <= 1000 factors >= 0.5 stays above 1e-301: no underflow)."""
+        return torch.segment_reduce(V.prod(1).log_(), "sum", lengths=self.rows)
+
+    def col(self, per_class: torch.Tensor) -> torch.Tensor:
+        """A per-class value as a [rows, 1] column, to broadcast over the pieces."""
+        return per_class.index_select(0, self.row_cls)[:, None]
 
     def quadratic(self, a: torch.Tensor, b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """a[c] + b[c] x + q[c] x^2 per sample, in scratch b0 (b1 and b2 are clobbered)."""
-        d, t, u = self.gather(a, self.b0), self.gather(b, self.b1), self.gather(q, self.b2)
-        t.addcmul_(self.x, u)
-        return d.addcmul_(self.x, t)
+        """a[c] + b[c] x + q[c] x^2 per slot, in scratch b0 (b1 is clobbered)."""
+        t = torch.addcmul(self.col(b), self.X, self.col(q), out=self.b1)
+        return torch.addcmul(self.col(a), self.X, t, out=self.b0)
 
-    def subset(self, class_mask: torch.Tensor) -> Tuple["_Segments", torch.Tensor]:
-        """The samples of the classes in ``class_mask`` (and their positions in this set)."""
-        keep = torch.nonzero(class_mask.index_select(0, self.cls))[:, 0]
-        counts = torch.where(class_mask, self.counts, 0)
-        # index_select, not x[keep]: advanced indexing is several times slower on CPU.
-        return _Segments(self.x.index_select(0, keep), self.cls.index_select(0, keep), counts, self._buf), keep
+    def subset(self, class_mask: torch.Tensor) -> Tuple["_Pieces", torch.Tensor]:
+        """The rows of the classes in ``class_mask`` (and their row indices in this set)."""
+        keep = torch.nonzero(class_mask.index_select(0, self.row_cls))[:, 0]
+        sub = _Pieces(self.X.index_select(0, keep), self.M.index_select(0, keep), self.row_cls.index_select(0, keep),
+                      torch.where(class_mask, self.rows, 0), torch.where(class_mask, self.counts, 0), self._buf)
+        return sub, keep
 
 
-def _init_two_means(seg: _Segments, n: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+def _init_two_means(pc: _Pieces, n: torch.Tensor, span: torch.Tensor,
                     fit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hard 2-means partition of every fitted class, as scikit-learn's default initialisation.
 
@@ -246,22 +295,22 @@ def _init_two_means(seg: _Segments, n: torch.Tensor, lo: torch.Tensor, hi: torch
     histogram split. The early-stopped EM results then differ by a few decisions (no more than
     between two scikit-learn seeds), and not at all once EM has converged.
 
-    Returns per-class (n1, s1, ss1): count, sum and sum of squares of the high cluster.
+    Works on the shifted losses (class minimum 0, maximum ``span``). Returns per-class
+    (n1, s1, ss1): count, sum and sum of squares of the high cluster.
     """
     C = n.shape[0]
     # Enough bins that the histogram split is within a sample or two of the optimum, few enough
     # that C x B stays small for any number of classes.
     B = int(min(_INIT_BINS, max(16, (1 << 22) // max(C, 1))))
-    x = seg.x
-    # bin of a sample = floor(c*B + 0.5 + (x - lo_c) * (B - 1) / span_c): the +-0.5 margin keeps
-    # every sample inside its own class's B bins whatever the rounding.
-    scale = torch.where(fit, (B - 1) / torch.where(fit, hi - lo, 1.0), 0.0)
-    off = torch.arange(C, device=x.device, dtype=x.dtype) * B + 0.5 - torch.where(fit, lo * scale, 0.0)
-    flat = seg.gather(off, seg.b0).addcmul_(x, seg.gather(scale, seg.b1)).to(torch.int64)
-    # scatter_add_ rather than bincount: no validation passes over the indices, and the counts
-    # come out in float64 directly (adding an expanded 1.0 per sample).
-    hn = x.new_zeros(C * B).scatter_add_(0, flat, x.new_ones(()).expand_as(x)).view(C, B).cumsum_(1)
-    hs = x.new_zeros(C * B).scatter_add_(0, flat, x).view(C, B).cumsum_(1)
+    X, M = pc.X, pc.M
+    # bin of a sample = floor(c*B + 0.5 + x * (B - 1) / span_c): the +-0.5 margin keeps every
+    # sample inside its own class's B bins whatever the rounding. Padding (x = 0) lands in bin 0
+    # with weight 0.
+    scale = torch.where(fit, (B - 1) / torch.where(fit, span, 1.0), 0.0)
+    off = torch.arange(C, device=X.device, dtype=X.dtype) * B + 0.5
+    flat = torch.addcmul(pc.col(off), X, pc.col(scale), out=pc.b0).view(-1).to(torch.int64)
+    hn = X.new_zeros(C * B).scatter_add_(0, flat, M.view(-1)).view(C, B).cumsum_(1)
+    hs = X.new_zeros(C * B).scatter_add_(0, flat, X.view(-1)).view(C, B).cumsum_(1)
     del flat
     # Split after bin j (cluster 0 = bins <= j): n0 = hn[:, j], s0 = hs[:, j]; totals in the last bin.
     # For a fitted class bin 0 holds its minimum and bin B-1 its maximum, so n0, n1 >= 1 for every
@@ -272,17 +321,18 @@ def _init_two_means(seg: _Segments, n: torch.Tensor, lo: torch.Tensor, hi: torch
     score.add_(s1.mul_(s1).div_(torch.sub(n[:, None], n0)))
     j = score.argmax(1, keepdim=True)
     n0j, s0j = n0.gather(1, j)[:, 0], s0.gather(1, j)[:, 0]
-    m0 = torch.where(fit, s0j / n0j.clamp(min=1), lo)
-    m1 = torch.where(fit, (S - s0j) / (n - n0j).clamp(min=1), hi)
+    m0 = torch.where(fit, s0j / n0j.clamp(min=1), 0.0)
+    m1 = torch.where(fit, (S - s0j) / (n - n0j).clamp(min=1), span)
     # Lloyd: threshold at the midpoint of the two means, recompute the means. Partitions are upper
     # sets of the sorted losses, so an unchanged high-cluster count means an unchanged partition,
     # i.e. a fixed point; often the histogram split already is one and one step confirms it.
+    # (The threshold is > 0, so padding is never "high".)
     prev_n1 = n - n0j
     for _ in range(_LLOYD_MAX_ITER):
-        high = torch.gt(x, seg.gather((m0 + m1) / 2, seg.b0), out=seg.b1)  # 1.0 / 0.0
-        cnt1 = seg.sum(high)
-        hx = torch.mul(high, x, out=seg.b2)
-        sum1 = seg.sum(hx)
+        high = torch.gt(X, pc.col((m0 + m1) / 2), out=pc.b1)  # 1.0 / 0.0
+        cnt1 = pc.sum(high)
+        hx = torch.mul(high, X, out=pc.b2)
+        sum1 = pc.sum(hx)
         # Both clusters stay non-empty (min < t < max); the guard only protects against rounding.
         good = fit & (cnt1 > 0) & (cnt1 < n)
         m1 = torch.where(good, sum1 / cnt1.clamp(min=1), m1)
@@ -290,7 +340,7 @@ def _init_two_means(seg: _Segments, n: torch.Tensor, lo: torch.Tensor, hi: torch
         if bool(((cnt1 == prev_n1) | ~good).all()):
             break
         prev_n1 = cnt1
-    return cnt1, sum1, seg.sum(hx.mul_(x))
+    return cnt1, sum1, pc.sum(hx.mul_(X))
 
 
 def _coefficients(mu: torch.Tensor, var: torch.Tensor, w: torch.Tensor):
@@ -310,30 +360,34 @@ def _m_step(R, Rx, Rxx, reg_covar):
     """scikit-learn's M-step from responsibility sums: nk = sum r + 10 eps, mean, variance + reg."""
     nk = R + _EPS10
     mu = Rx / nk
-    # sum r (x - mu)^2 expanded; exact up to rounding in float64 on [0, 1]-scaled losses.
+    # sum r (x - mu)^2 expanded; exact up to rounding in float64 (x >= 0 here: the class minimum is 0).
     var = (Rxx - 2 * mu * Rx + mu * mu * R).clamp(min=0) / nk + reg_covar
     return mu, var, nk
 
 
-def _fit_segments(seg: _Segments, fit: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *,
-                  max_iter: int, tol: float, reg_covar: float):
+def _fit_pieces(pc: _Pieces, *, max_iter: int, tol: float, reg_covar: float):
     """EM for every class with ``fit`` True at once, mirroring scikit-learn's loop step by step.
 
     scikit-learn, per iteration: E-step with the current parameters (giving responsibilities and
     the mean log-likelihood = the "lower bound"), M-step, then stop if |lower bound change| < tol
     (the first change is +inf). Here every class does exactly that, and a class that has met its
     tolerance is frozen (its parameters no longer change) while the others go on.
+
+    Only classes with two or more distinct losses are fitted (``fit``, returned too); parameters
+    are in the shifted coordinates of ``pc`` (class minimum 0).
     """
-    x = seg.x
-    dt, dev = x.dtype, x.device
-    C = fit.shape[0]
-    n = seg.counts.to(dt)
-    Sx = seg.sum(x)
-    Sxx = seg.sum(torch.mul(x, x, out=seg.b0))
+    X = pc.X
+    dt, dev = X.dtype, X.device
+    n = pc.counts.to(dt)
+    C = n.shape[0]
+    Sx = pc.sum(X)
+    Sxx = pc.sum(torch.mul(X, X, out=pc.b0))
+    span = pc.max(X)  # max - min per class (the padding, at 0, is never above the data)
+    fit = (pc.counts > 0) & (span > 0)
 
     # Initial parameters from the hard 2-means partition, exactly like GaussianMixture._initialize
     # (weights = nk / n_samples there; = nk / sum(nk) after every M-step).
-    n1, s1, ss1 = _init_two_means(seg, n, lo, hi, fit)
+    n1, s1, ss1 = _init_two_means(pc, n, span, fit)
     mu, var, nk = _m_step(torch.stack([n - n1, n1], 1), torch.stack([Sx - s1, s1], 1),
                           torch.stack([Sxx - ss1, ss1], 1), reg_covar)
     w = nk / n.clamp(min=1)[:, None]
@@ -346,38 +400,42 @@ def _fit_segments(seg: _Segments, fit: torch.Tensor, lo: torch.Tensor, hi: torch
     converged = torch.zeros(C, dtype=torch.bool, device=dev)
     lower_bound = torch.full((C,), -torch.inf, dtype=dt, device=dev)
     active = fit.clone()
-    work = seg
+    work = pc
     for it in range(1, max_iter + 1):
         if not bool(active.any()):
             break
         # E-step on the working set: d = log-odds of component 0, r0 = sigmoid(d) = its responsibility.
-        d = work.quadratic(*_log_odds_coefficients(mu, var, w))  # in b0
+        da, db, dq = _log_odds_coefficients(mu, var, w)
+        d = work.quadratic(da, db, dq)  # in b0
         r0 = torch.sigmoid(d, out=work.b1)
-        R0 = work.sum(r0)
-        rx = torch.mul(r0, work.x, out=work.b2)
+        R0 = work.sum(torch.mul(r0, work.M, out=work.b2))  # padding masked out
+        rx = torch.mul(r0, work.X, out=work.b2)  # padding has x = 0: no mask needed
         R0x = work.sum(rx)
-        R0xx = work.sum(rx.mul_(work.x))
+        R0xx = work.sum(rx.mul_(work.X))
         # Mean log-likelihood under this E-step's parameters (scikit-learn's "lower bound"):
-        # log p(x) = l1(x) + softplus(d), and the l1 part is a closed form in the class sums.
+        # log p(x) = l1(x) + softplus(d); the l1 part is a closed form in the class sums, and
         # softplus(d) = relu(d) - log(max(r0, 1 - r0)) reuses r0 (the log's argument is in
-        # [0.5, 1], so it is accurate) and is about twice as fast as torch's softplus on CPU.
-        lmax = torch.maximum(torch.sub(1.0, r0, out=work.b2), r0, out=work.b2).log_()
-        sp = torch.clamp(d, min=0.0, out=work.b1).sub_(lmax)
+        # [0.5, 1]: accurate, and summed as a log of products, one log per row). Padding sits at
+        # x = 0, where d = da: its share of both sums is removed in closed form.
+        m = torch.maximum(torch.sub(1.0, r0, out=work.b2), r0, out=work.b2)
+        sp = work.sum(torch.clamp(d, min=0.0, out=work.b1)) - work.sum_log(m)
+        ra = torch.sigmoid(da)
+        sp -= work.npad * (da.clamp(min=0.0) - torch.maximum(ra, 1.0 - ra).log())
         a, b, q = _coefficients(mu, var, w)
         nw = work.counts.to(dt)
-        lb = (nw * a[:, 1] + b[:, 1] * Sx + q[:, 1] * Sxx + work.sum(sp)) / nw.clamp(min=1)
+        lb = (nw * a[:, 1] + b[:, 1] * Sx + q[:, 1] * Sxx + sp) / nw.clamp(min=1)
         # Component 1's sums are the class totals minus component 0's (half the passes over the
         # samples). That subtraction cancels when component 1 is nearly empty; scikit-learn sums
         # exp(log_resp) directly there, so those (rare) classes are summed directly too.
         R1, R1x, R1xx = nw - R0, Sx - R0x, Sxx - R0xx
         thin = active & (R1 < _THIN * nw)
         if bool(thin.any()):
-            tseg, tmask = work.subset(thin)
-            r1 = torch.sigmoid(-d.index_select(0, tmask))
-            r1x = r1 * tseg.x
-            R1 = torch.where(thin, tseg.sum(r1), R1)
-            R1x = torch.where(thin, tseg.sum(r1x), R1x)
-            R1xx = torch.where(thin, tseg.sum(r1x * tseg.x), R1xx)
+            tpc, rows = work.subset(thin)
+            r1 = torch.sigmoid(-d.index_select(0, rows))
+            r1x = r1 * tpc.X
+            R1 = torch.where(thin, tpc.sum(r1 * tpc.M), R1)
+            R1x = torch.where(thin, tpc.sum(r1x), R1x)
+            R1xx = torch.where(thin, tpc.sum(r1x * tpc.X), R1xx)
         new_mu, new_var, new_nk = _m_step(torch.stack([R0, R1], 1), torch.stack([R0x, R1x], 1),
                                           torch.stack([R0xx, R1xx], 1), reg_covar)
         new_w = new_nk / new_nk.sum(1, keepdim=True)
@@ -394,7 +452,7 @@ def _fit_segments(seg: _Segments, fit: torch.Tensor, lo: torch.Tensor, hi: torch
             share = float(torch.where(active, nw, 0.0).sum()) / max(float(nw.sum()), 1.0)
             if share < _COMPACT_BELOW:
                 work = work.subset(active)[0]
-    return mu, var, w, n_iter, converged, lower_bound
+    return mu, var, w, n_iter, converged, lower_bound, fit
 
 
 def select_clean(losses: ArrayLike, labels: ArrayLike, *, num_classes: int, tau: float = 0.6,
@@ -444,40 +502,33 @@ def select_clean(losses: ArrayLike, labels: ArrayLike, *, num_classes: int, tau:
     N, C = L.shape[0], int(num_classes)
 
     vidx = None if V is None else torch.nonzero(V)[:, 0]
-    Lv, Yv = (L, Y) if vidx is None else (L[vidx], Y[vidx])
+    Lv, Yv = (L, Y) if vidx is None else (L.index_select(0, vidx), Y.index_select(0, vidx))
     x, loss_min, loss_max = _normalise(Lv, normalize)
-    Nv = x.shape[0]
 
-    # Group by class: a stable sort of the labels (the losses themselves need no sorting). Narrow
-    # integer keys sort two to three times faster than int64, and int32 indexes fine.
-    Yn = Yv.to(torch.int16 if C <= torch.iinfo(torch.int16).max else torch.int32)
-    Ys, order = torch.sort(Yn, stable=True)
-    counts = torch.bincount(Yv, minlength=C)
-    buf = tuple(torch.empty(Nv, dtype=torch.float64, device=dev) for _ in range(3))
-    seg = _Segments(x.index_select(0, order), Ys.to(torch.int32), counts, buf)
-    del order, Ys, Yn
-    lo = torch.segment_reduce(seg.x, "min", lengths=counts)
-    hi = torch.segment_reduce(seg.x, "max", lengths=counts)
+    pc, lo = _Pieces.build(x, Yv, C)
+    counts = pc.counts
     empty = counts == 0
-    flat = ~empty & ~(hi > lo)  # one sample or zero spread: closed form, no EM
-    fit = ~empty & ~flat
-
-    mu, var, w, n_iter, converged, lb = _fit_segments(seg, fit, lo, hi, max_iter=int(max_iter), tol=float(tol),
-                                                      reg_covar=float(reg_covar))
-    del seg
+    mu, var, w, n_iter, converged, lb, fit = _fit_pieces(pc, max_iter=int(max_iter), tol=float(tol),
+                                                         reg_covar=float(reg_covar))
+    del pc
+    flat = ~empty & ~fit  # one sample or zero spread: closed form, no EM
     # Component 0 := the low-mean one (EM may in principle let the two means cross).
     swap = mu[:, 0] > mu[:, 1]
     perm = torch.stack([swap.long(), 1 - swap.long()], 1)
     mu, var, w = mu.gather(1, perm), var.gather(1, perm), w.gather(1, perm)
 
     # Final E-step with the final parameters (scikit-learn's predict_proba after fit), in the
-    # input order so nothing needs scattering back. Flat classes get d = +inf: posterior exactly 1.
+    # input order so nothing needs scattering back: the log-odds quadratic is moved from the
+    # shifted coordinates (x - lo_c) back to x. Flat classes get d = +inf: posterior exactly 1.
     a, b, q = _log_odds_coefficients(mu, var, w)
-    a, b, q = torch.where(flat, torch.inf, a), torch.where(flat, 0.0, b), torch.where(flat, 0.0, q)
-    p = _Segments(x, Yv, counts, buf).quadratic(a, b, q)
+    a, b = a - b * lo + q * lo * lo, b - 2 * q * lo
+    a, b, q = torch.where(fit, a, torch.inf), torch.where(fit, b, 0.0), torch.where(fit, q, 0.0)
+    ya = a.index_select(0, Yv)
+    p = ya.addcmul_(x, torch.index_select(b, 0, Yv).addcmul_(x, torch.index_select(q, 0, Yv)))
     p = torch.sigmoid(p, out=p).to(torch.float32)
     if vidx is not None:
         p = torch.zeros(N, dtype=torch.float32, device=dev).index_copy_(0, vidx, p)
+    mu = mu + lo[:, None]
 
     # Degenerate classes' documented parameters.
     mu = torch.where(fit[:, None], mu, torch.where(flat[:, None], torch.where(flat, lo, 0.0)[:, None], torch.nan))
