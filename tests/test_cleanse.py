@@ -306,7 +306,7 @@ def test_shape_mismatch():
 
 
 def test_internal_fast_paths_do_not_change_results(data, monkeypatch):
-    """Working-set compaction and the derived component-1 sums are optimisations only."""
+    """Working-set compaction, the derived component-1 sums and the row length are optimisations only."""
     losses, labels, C = data
     base = select_clean(losses, labels, num_classes=C, max_iter=50, tol=1e-4)
     monkeypatch.setattr(cleanse, "_COMPACT_BELOW", 0.0)  # never compact
@@ -318,6 +318,11 @@ def test_internal_fast_paths_do_not_change_results(data, monkeypatch):
     monkeypatch.setattr(cleanse, "_COMPACT_BELOW", 1.01)  # compact after every iteration
     eager = select_clean(losses, labels, num_classes=C, max_iter=50, tol=1e-4)
     np.testing.assert_array_equal(eager.clean_prob, slow.clean_prob)
+    monkeypatch.setattr(cleanse, "_ROW_MAX", 8)  # another row layout: more rows, other padding
+    short_rows = select_clean(losses, labels, num_classes=C, max_iter=50, tol=1e-4)
+    np.testing.assert_array_equal(short_rows.n_iter, base.n_iter)
+    np.testing.assert_allclose(short_rows.clean_prob, base.clean_prob, atol=1e-6)
+    np.testing.assert_allclose(short_rows.means, base.means, rtol=1e-9, atol=1e-12)
 
 
 # ---- balanced subset ----------------------------------------------------------------------------

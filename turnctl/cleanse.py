@@ -32,11 +32,12 @@ Conventions (DESIGN.md §3, §4; recipe section ``cleanse``)
 * **Invalid samples** (``valid=False``, e.g. undecodable images) take no part in normalisation or
   fitting, get ``clean_prob`` 0 and ``keep`` False; their loss may be NaN and their label anything.
 * **The fit** (:func:`select_clean`) reproduces scikit-learn's ``GaussianMixture(2, max_iter, tol,
-  reg_covar)`` per class, for all classes at once, in float64: the samples are grouped by class (a
-  sort of the labels) so that every per-class sum is a contiguous segment reduction; EM's
-  responsibilities, M-step and stopping rule (|change of the mean log-likelihood| < tol, checked
-  per class; a class that stops is frozen and leaves the working set) are scikit-learn's, and so
-  is the initialisation from a 2-means partition (see ``_init_two_means``). At the lineage
+  reg_covar)`` per class, for all classes at once, in float64: the samples are grouped by class
+  into rows of P (a sort of the labels; see ``_Pieces``) so that per-class sums are dense row sums
+  and per-class constants broadcast; EM's responsibilities, M-step and stopping rule (|change of
+  the mean log-likelihood| < tol, checked per class; a class that stops is frozen and leaves the
+  working set) are scikit-learn's, and so is the initialisation from a 2-means partition (see
+  ``_init_two_means``). At the lineage
   settings, decisions agree with a per-class scikit-learn loop on ~99.99% of samples, as often as
   two scikit-learn runs with different seeds agree with each other; run to convergence, the
   posteriors agree to float32 precision (``benchmarks/bench_select.py``, tests/test_cleanse.py).
@@ -70,6 +71,8 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _INIT_BINS = 1024
 # Lloyd iterations to polish the histogram split; 1-D 2-means reaches a fixed point in a handful.
 _LLOYD_MAX_ITER = 100
+# Longest row of the class-aligned layout (_Pieces); <= 1000 keeps _Pieces.sum_log's products finite.
+_ROW_MAX = 64
 # Re-pack the working set when the classes still iterating hold less than this share of it.
 _COMPACT_BELOW = 0.75
 # A component with less than this share of its class's responsibility mass is "thin": its sums
@@ -223,9 +226,11 @@ class _Pieces:
         """Group ``x`` (float64) by label ``y``; returns the pieces and the per-class minimum."""
         C, n, dev = num_classes, x.shape[0], x.device
         counts = torch.bincount(y, minlength=C)
-        # Rows of P: long enough for fast row reductions, short enough that padding (about P/2
-        # per class) stays a small share of the data; P <= 1000 keeps sum_log's products finite.
-        P = int(min(64, max(8, 1 << max(0, int(math.log2(max(n // max(C, 1), 1) / 4))))))
+        # Rows of P (8.._ROW_MAX): long enough for fast row reductions, short enough that the
+        # padding (P/2 per class on average) stays under ~6% of the data.
+        P = 8
+        while P < _ROW_MAX and 8 * P <= n // max(C, 1):
+            P *= 2
         # Group by class with a stable sort of the labels (the losses need no sorting); narrow
         # integer keys sort two to three times faster than int64, and int32 indexes fine.
         ys, order = torch.sort(y.to(torch.int16 if C <= torch.iinfo(torch.int16).max else torch.int32), stable=True)
