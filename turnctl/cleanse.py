@@ -560,7 +560,9 @@ def _make_selection(prob, Y, V, C, tau, mu, var, w, n_iter, converged, counts, l
         means=np_(mu), variances=np_(var), weights=np_(w),
         n_iter=np_(n_iter).astype(np.int64), converged=np_(converged),
         class_counts=np_(counts).astype(np.int64), lower_bound=np_(lb),
-        kept_per_class=np.bincount(y[keep], minlength=C).astype(np.int64),
+        # (weights: no boolean gather; invalid samples may carry any label, so they are left out)
+        kept_per_class=(np.bincount(y, weights=keep, minlength=C) if V is None
+                        else np.bincount(y[keep], minlength=C)).astype(np.int64),
         loss_min=float(loss_min), loss_max=float(loss_max), tau=float(tau),
     )
 
