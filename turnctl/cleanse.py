@@ -707,7 +707,9 @@ def balanced_subset(keep: ArrayLike, labels: ArrayLike, *, num_classes: int, los
 
     rng = np.random.default_rng(seed)
     members = np.flatnonzero(pool)
-    members = members[np.argsort(y[members], kind="stable")]
+    key = y[members]
+    # numpy's stable sort is a radix sort for 16-bit keys: several times faster than for int64.
+    members = members[np.argsort(key.astype(np.int16) if C <= np.iinfo(np.int16).max else key, kind="stable")]
     bounds = np.searchsorted(y[members], np.arange(C + 1))
     chosen = []
     for c in np.flatnonzero(~empty):
