@@ -142,10 +142,11 @@ def write_toy_shards(out_dir: Union[str, Path], *, counts: Mapping[str, Sequence
                         _add(tf, f"{key}.{fmt}", b"this is not an image " + bytes(range(64)))
                     else:
                         _add(tf, f"{key}.{fmt}", _encode(images[i], fmt))
-                    _add(tf, f"{key}.idx", str(i).encode())
+                    # member order as turnctl.prepare writes it: image, cls, clean.cls, idx
                     _add(tf, f"{key}.cls", str(int(given[i])).encode())
                     if with_clean:
                         _add(tf, f"{key}.clean.cls", str(int(clean[i])).encode())
+                    _add(tf, f"{key}.idx", str(i).encode())
             sizes[name] = count
             shards_meta[name] = {"sha256": _sha256(path), "count": count, "split": split}
             names.append(name)
@@ -155,13 +156,20 @@ def write_toy_shards(out_dir: Union[str, Path], *, counts: Mapping[str, Sequence
             "count": n, "shards": names,
             "per_class_given": np.bincount(given, minlength=num_classes).tolist(),
             "per_class_clean": np.bincount(clean, minlength=num_classes).tolist() if with_clean else None,
-            "has_clean": with_clean, "noised": noised, "realised_noise_rate": realised if with_clean else None,
-            "skipped": [],
+            "has_clean": with_clean, "clean_known": n if with_clean else 0, "noised": noised,
+            "realised_noise_rate": realised if with_clean else None,
+            "skipped": {"count": 0, "items": []},
         }
-        if noised:
-            noise_meta = {"spec": f"symmetric:{noise_rate}", "kind": "symmetric", "rate": noise_rate,
-                          "convention": "exclude", "seed": seed, "applies_to": ["train"],
-                          "transition_matrix": None, "realised_noise_rate": realised}
+        if split == "train" or noise_meta is None:
+            tm = np.zeros((num_classes, num_classes))
+            np.add.at(tm, (clean, given), 1.0)
+            tm /= np.maximum(tm.sum(1, keepdims=True), 1.0)
+            noise_meta = {"spec": f"symmetric:{noise_rate}:exclude" if noise_rate > 0 else "none",
+                          "kind": "symmetric" if noise_rate > 0 else "none", "rate": float(noise_rate),
+                          "convention": "exclude" if noise_rate > 0 else None, "seed": seed,
+                          "applies_to": ["train"] if noise_rate > 0 else [],
+                          "realised_noise_rate": realised if noised else 0.0,
+                          "transition_matrix": np.round(tm, 6).tolist(), "measured_on": n}
         toy.labels[split] = {"cls": given, "clean": clean}
         toy.corrupt[split] = bad
         toy.shard_idx[split] = shard_idx
@@ -171,7 +179,9 @@ def write_toy_shards(out_dir: Union[str, Path], *, counts: Mapping[str, Sequence
         "created": _dt.datetime(2024, 1, 1, tzinfo=_dt.timezone.utc).isoformat(),
         "sources": {"generator": "tests/shardgen.py", "seed": seed},
         "num_classes": num_classes, "class_names": [f"class{c}" for c in range(num_classes)],
-        "splits": splits_meta, "noise": noise_meta, "shards": shards_meta,
+        "splits": splits_meta, "noise": noise_meta,
+        "options": {"shard_size": max((max(c) for c in counts.values() if c), default=0), "max_side": None},
+        "shards": shards_meta,
     }
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))

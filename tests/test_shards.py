@@ -145,8 +145,8 @@ def test_shardgen_format_and_learnable_images(toy):
     assert sizes == {n: m["count"] for n, m in manifest["shards"].items()}
     with tarfile.open(toy.root / "train-000002.tar") as tf:
         names = tf.getnames()
-        assert names[:4] == ["train_000012.png", "train_000012.idx", "train_000012.cls",
-                             "train_000012.clean.cls"]
+        assert names[:4] == ["train_000012.png", "train_000012.cls", "train_000012.clean.cls",
+                             "train_000012.idx"]
         assert tf.extractfile("train_000012.idx").read() == b"12"
     cls, clean = toy.labels["train"]["cls"], toy.labels["train"]["clean"]
     assert (cls != clean).sum() == round(0.4 * 21)
@@ -461,7 +461,8 @@ def test_shuffle_buffer_is_seeded_and_epoch_dependent(clean_toy):
         return [i for b in ld for i in b["idx"].tolist()]
 
     plain, a = run(0, 0), run(0, 8)
-    assert a == run(0, 8) and a != plain and sorted(set(a)) != [] and set(a) <= set(range(30))
+    assert a == run(0, 8) and a != plain and set(a) <= set(range(30))
+    assert len(set(a)) >= 20  # a buffer of 8 over one pass: mostly distinct samples, few repeats
     assert run(1, 8) != a
 
 
