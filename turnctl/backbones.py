@@ -385,6 +385,11 @@ def _read_processor_config(source: str, revision, local_files_only) -> Optional[
 def _maybe_hf_ds_config(ds_config: Optional[Mapping[str, Any]]):
     """``HfDeepSpeedConfig`` for ZeRO-3, built before any ``from_pretrained`` (and kept alive)."""
     if not ds_config or int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        # transformers keeps the last HfDeepSpeedConfig in a module global: a ZeRO-3 model built
+        # earlier in this process (turnctl compare, benchmarks) would make this one partitioned too.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
