@@ -165,6 +165,67 @@ class DeepSpeedSection(Section):
     extra: Dict[str, Any] = Field(default_factory=dict)
 
 
+class DivideMixSection(Section):
+    """lp-dividemix: DivideMix with two linear heads on cached features (DESIGN.md §4;
+    turnctl/methods/dividemix.py). Epochs, optimizer, lr, weight decay, batch size and schedule are
+    the probe's (``probe.*``), as for the other LP baselines."""
+
+    # CE on all samples before co-division starts (our choice for a 20-epoch LP; DivideMix: 10/300).
+    warmup_epochs: int = Field(default=5, ge=0)
+    p_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)  # 0.6 at 90% noise
+    temperature: float = Field(default=0.5, gt=0.0)  # MixMatch sharpening T
+    alpha: float = Field(default=4.0, gt=0.0)  # Beta(alpha, alpha) mixup
+    lambda_u: float = Field(default=25.0, ge=0.0)  # weight of the unlabeled MSE, ramped up linearly
+    rampup_epochs: float = Field(default=16.0, gt=0.0)
+    # GMM on the mean of the last K epochs' min-max normalised losses (DivideMix: 5 at 90% noise).
+    loss_window: int = Field(default=1, ge=1)
+    gmm_max_iter: int = Field(default=10, ge=1)
+    gmm_tol: float = Field(default=1e-2, gt=0.0)
+    gmm_reg_covar: float = Field(default=5e-4, gt=0.0)
+    # Views of a frozen feature: dropout rate and Gaussian jitter (in units of each dimension's std).
+    view_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    view_noise: float = Field(default=0.1, ge=0.0)
+
+
+class UniconSection(Section):
+    """lp-unicon: UNICON with two linear heads on cached features (DESIGN.md §4;
+    turnctl/methods/unicon.py). Epochs, optimizer, lr, weight decay, batch size and schedule are the
+    probe's (``probe.*``)."""
+
+    warmup_epochs: int = Field(default=5, ge=0)  # our choice for a 20-epoch LP (UNICON: 10-30/350)
+    temperature: float = Field(default=0.5, gt=0.0)  # sharpening T
+    alpha: float = Field(default=4.0, gt=0.0)
+    lambda_u: float = Field(default=30.0, ge=0.0)
+    rampup_epochs: float = Field(default=16.0, gt=0.0)
+    lambda_c: float = Field(default=0.025, ge=0.0)  # weight of the contrastive loss
+    contrastive_temperature: float = Field(default=0.05, gt=0.0)
+    # Threshold = mean JSD; when the mean exceeds d_u it is lowered by (mean - min) / filter_coefficient
+    # (UNICON's --d_u and --tau). null: always the plain mean.
+    d_u: Optional[float] = Field(default=0.7, gt=0.0, le=1.0)
+    filter_coefficient: float = Field(default=5.0, gt=0.0)
+    view_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    view_noise: float = Field(default=0.1, ge=0.0)
+    strong_factor: float = Field(default=2.0, ge=1.0)  # strong views: dropout and jitter times this
+
+
+class NMTuneSection(Section):
+    """nmtune / turn-nmtune step 1: NMTune on cached features (DESIGN.md §4; turnctl/methods/nmtune.py)."""
+
+    epochs: int = Field(default=30, ge=0, le=10000)
+    batch_size: int = Field(default=64, ge=2)
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)  # AdamW
+    weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
+    schedule: Literal["constant", "cosine"] = "cosine"  # per step
+    hidden_mult: int = Field(default=4, ge=1)  # MLP = Linear(D, 4D)-BN-ReLU-Linear(4D, D)
+    mse_weight: float = Field(default=1.0, ge=0.0)
+    cov_weight: float = Field(default=0.04, ge=0.0)
+    svd_weight: float = Field(default=1e-3, ge=0.0)
+    svd_top_k: int = Field(default=5, ge=1)
+    # Ridge of the least-squares fold of the feature MLP into one linear head (relative to the mean
+    # eigenvalue of the features' Gram matrix); see turnctl/methods/nmtune.py.
+    fold_ridge: float = Field(default=1e-3, gt=0.0)
+
+
 class OutputSection(Section):
     dir: Optional[str] = None  # None: runs/<recipe>-<timestamp>
     keep_checkpoints: int = Field(default=2, ge=1)
@@ -184,6 +245,9 @@ class Recipe(Section):
     probe: ProbeSection = Field(default_factory=ProbeSection)
     cleanse: CleanseSection = Field(default_factory=CleanseSection)
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    dividemix: DivideMixSection = Field(default_factory=DivideMixSection)
+    unicon: UniconSection = Field(default_factory=UniconSection)
+    nmtune: NMTuneSection = Field(default_factory=NMTuneSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     output: OutputSection = Field(default_factory=OutputSection)
 

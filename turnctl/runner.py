@@ -1,9 +1,14 @@
 """A resolved recipe -> the steps of its method, on every rank.
 
     turn        features -> LP (GCE) -> for each epoch: per-sample loss -> per-class GMM -> balanced
-                subset -> one FFT epoch (CE)
+                subset -> one FFT epoch (``finetune.loss``, CE by default)
+    turn-nmtune as turn, with NMTune (turnctl.methods.nmtune) instead of the GCE probe as step 1: its
+                model, folded into one linear head, is the starting classifier (our extension)
     lp-ce/gce/elr   features -> LP with that loss (the backbone stays frozen)
-    fft-ce      full fine-tuning on all samples (random head), ``finetune.baseline_epochs`` epochs
+    lp-dividemix, lp-unicon, nmtune   features -> that method on the cached features (turnctl.methods)
+    fft-ce/gce/elr  full fine-tuning on all samples (random head) with that loss,
+                ``finetune.baseline_epochs`` epochs; ELR's targets are kept identical on every rank
+                (turnctl.methods.fft_losses) and checkpointed with the engine
 
 Every function here is collective (all ranks call it in the same order). Work done by rank 0 alone
 (the linear probe, the GMM) is followed by a broadcast, which doubles as the barrier, under the
@@ -21,13 +26,15 @@ import torch
 from turnctl import distributed as dist
 from turnctl.errors import DataError, TurnctlError
 from turnctl.logger import log
+from turnctl.methods import FEATURE_METHODS  # lp-dividemix, lp-unicon, nmtune: on cached features, rank 0
 from turnctl.recipe import Recipe
 from turnctl.rundir import RunDir, atomic_savez
 from turnctl.shards import SplitInfo, open_split
 
 LP_METHODS = {"lp-ce": "ce", "lp-gce": "gce", "lp-elr": "elr"}
-FFT_METHODS = {"fft-ce": "ce"}
-SUPPORTED = {"turn", *LP_METHODS, *FFT_METHODS}
+FFT_METHODS = {"fft-ce": "ce", "fft-gce": "gce", "fft-elr": "elr"}
+TURN_METHODS = {"turn": "probe", "turn-nmtune": "nmtune"}  # TURN variant -> its step 1
+SUPPORTED = {*TURN_METHODS, *LP_METHODS, *FEATURE_METHODS, *FFT_METHODS}
 
 
 def open_splits(recipe: Recipe) -> Dict[str, SplitInfo]:
@@ -81,9 +88,9 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     train = splits["train"]
     num_classes = train.num_classes
     method = recipe.method
-    needs_lp = method == "turn" or method in LP_METHODS
-    needs_fft = method == "turn" or method in FFT_METHODS
-    fft_epochs = recipe.finetune.epochs if method == "turn" else recipe.finetune.baseline_epochs
+    needs_lp = method in TURN_METHODS or method in LP_METHODS or method in FEATURE_METHODS
+    needs_fft = method in TURN_METHODS or method in FFT_METHODS
+    fft_epochs = recipe.finetune.epochs if method in TURN_METHODS else recipe.finetune.baseline_epochs
 
     from turnctl.backbones import load_backbone
     from turnctl.transforms import eval_transform, train_transform
@@ -101,10 +108,14 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
              num_classes, train.num_samples, dist.world_size())
 
     tuner = None
+    loss_fn = elr = None
     if needs_fft:
         from turnctl.finetune import FineTuner
+        from turnctl.methods.fft_losses import fft_loss_hook
 
         tuner = FineTuner(backbone, recipe)
+        loss_fn, elr = fft_loss_hook(FFT_METHODS.get(method, recipe.finetune.loss), losses=recipe.losses,
+                                     num_samples=train.num_samples, num_classes=num_classes)
     start_epoch, best = 0, {"score": -1.0, "epoch": None, "test_accuracy": None}
     if resume and tuner is not None:
         client = tuner.load_checkpoint(run.checkpoints)
@@ -112,14 +123,18 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
             start_epoch = int(client["epoch"])
             best = client.get("best", best)
             run.reset_history(client.get("history", []))
+            if elr is not None:  # the targets as they were when that checkpoint was written
+                elr.load(run.checkpoints / (run.checkpoints / "latest").read_text().strip())
             log.info("resumed from %s at epoch %d", run.checkpoints, start_epoch)
     result: Dict[str, Any] = {"run_dir": str(run.path), "method": method, "feature_cache": {}}
 
     if needs_lp and start_epoch == 0:
         run.reset_history([])
         probe_out = _linear_probe(recipe, run, backbone, tuner, splits, eval_tf,
-                                  loss=LP_METHODS.get(method, recipe.probe.loss))
+                                  loss=LP_METHODS.get(method, recipe.probe.loss),
+                                  step1=TURN_METHODS.get(method, method))
         result["feature_cache"] = probe_out["feature_cache"]
+        result.update(probe_out["summary"])
         if tuner is None:  # an LP baseline: the probe is the result
             return _finish_lp(recipe, run, backbone, probe_out, result, t_start)
 
@@ -127,11 +142,14 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     for epoch in range(start_epoch, fft_epochs):
         dist.set_seed(_seed_epoch(recipe, epoch))
         keep_idx, sel_stats = None, {}
-        if method == "turn":
+        if method in TURN_METHODS:
             keep_idx, sel_stats = _cleanse(recipe, run, tuner, train, eval_tf, epoch)
             last_sel = sel_stats
         stats = tuner.train_epoch(train, epoch=epoch, keep_idx=keep_idx, transform=train_tf,
-                                  num_workers=recipe.data.num_workers, seed=_seed_epoch(recipe, epoch))
+                                  num_workers=recipe.data.num_workers, seed=_seed_epoch(recipe, epoch),
+                                  loss_fn=loss_fn)
+        if elr is not None:
+            elr.check_consistent()
         evals = _evaluate_splits(tuner, splits, eval_tf, recipe, num_classes)
         line = {"phase": "fft", "epoch": epoch, **stats, **sel_stats, **evals}
         run.log_metrics(line)
@@ -141,6 +159,8 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
             best = {"score": score, "epoch": epoch, "test_accuracy": evals.get("test_accuracy"),
                     "val_accuracy": evals.get("val_accuracy")}
             tuner.export(run.best, class_names=train.class_names)
+        if elr is not None:  # before the engine's checkpoint: a `latest` tag always has its targets
+            elr.save(run.checkpoints / f"epoch_{epoch:04d}")
         tuner.save_checkpoint(run.checkpoints, epoch=epoch, keep=recipe.output.keep_checkpoints,
                               client_state={"epoch": epoch + 1, "best": best, "history": run.history,
                                             "recipe_digest": recipe.digest()})
@@ -166,8 +186,12 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     return result
 
 
-def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf, *, loss: str) -> Dict[str, Any]:
-    """Extract (or load) features on all ranks, train the head on rank 0, broadcast it."""
+def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf, *, loss: str,
+                  step1: str = "probe") -> Dict[str, Any]:
+    """Extract (or load) features on all ranks, train the head on rank 0, broadcast it.
+
+    ``step1`` picks the trainer: the linear probe with ``loss`` (LP baselines, TURN), or one of
+    ``FEATURE_METHODS`` (turnctl.methods), whose extra state is saved as ``method_state.pt``."""
     from pathlib import Path
 
     from turnctl.features import extract_features
@@ -183,25 +207,42 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
             cache_dir=Path(cache_dir) if recipe.features.cache else None, forward=forward)
     cache_state = {role: ("hit" if fs is not None and fs.from_cache else "miss") for role, fs in feats.items()}
     head_state = None
-    history = []
+    history, summary = [], {}
     if dist.rank() == 0:
         probe_cfg = recipe.probe.model_copy(update={"loss": loss})
         tr = feats["train"]
         use = tr.ok
         eval_sets = {role: (fs.features[fs.ok], fs.labels[fs.ok]) for role, fs in feats.items() if role != "train"}
-        res = train_linear_probe(tr.features[use], tr.labels[use], num_classes=splits["train"].num_classes,
-                                 probe=probe_cfg, losses=recipe.losses, seed=recipe.seed,
-                                 idx=torch.nonzero(use).squeeze(1), eval_sets=eval_sets)
-        head_state = {k: v.detach().cpu().float() for k, v in res.head_state.items()}
-        history = res.history
+        if step1 in FEATURE_METHODS:
+            from turnctl.methods import train_on_features
+
+            out = train_on_features(step1, tr.features[use], tr.labels[use], num_classes=splits["train"].num_classes,
+                                    recipe=recipe, eval_sets=eval_sets, clean=tr.clean[use])
+            head_state, history, summary = out["head_state"], out["history"], out["summary"]
+            _save_torch(run.path / "method_state.pt", {"method": step1, **out["state"]})
+        else:
+            res = train_linear_probe(tr.features[use], tr.labels[use], num_classes=splits["train"].num_classes,
+                                     probe=probe_cfg, losses=recipe.losses, seed=recipe.seed,
+                                     idx=torch.nonzero(use).squeeze(1), eval_sets=eval_sets)
+            head_state, history = res.head_state, res.history
+        head_state = {k: v.detach().cpu().float() for k, v in head_state.items()}
         for line in history:
-            run.log_metrics({**line, "phase": "lp"})
-    head_state = dist.broadcast_object(head_state)
+            run.log_metrics({"phase": "lp", **line})
+    head_state, summary = dist.broadcast_object((head_state, summary))
     if tuner is not None:
         tuner.set_head(head_state)
     else:
         backbone.head.load_state_dict(head_state)
-    return {"head": head_state, "history": history, "feature_cache": cache_state}
+    return {"head": head_state, "history": history, "feature_cache": cache_state, "summary": summary}
+
+
+def _save_torch(path, obj) -> None:
+    """torch.save to a temporary name, then rename (rank 0's files are never half-written)."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _finish_lp(recipe, run, backbone, probe_out, result, t_start) -> Dict[str, Any]:

@@ -1,0 +1,296 @@
+"""Pieces shared by the methods that train on cached (frozen) features: DivideMix-LP, UNICON-LP.
+
+Everything here is local to one process (the runner calls the methods on rank 0, like the linear
+probe, and broadcasts the resulting head).
+
+Views of a frozen feature (DESIGN.md §4 asks to choose and document)
+--------------------------------------------------------------------
+DivideMix and UNICON need several augmented views of each sample, but the features are extracted
+once, without augmentation, and the backbone never runs again. We augment **in feature space**:
+
+    view(f) = f * m / (1 - p) + s * sigma * e,   m ~ Bernoulli(1 - p), e ~ N(0, I)
+
+with ``p`` the view dropout, ``s`` the jitter and ``sigma`` the per-dimension standard deviation of
+the train features (so the jitter is scale-free across backbones). MixMatch's mixup is applied to
+the features themselves: for a linear head on frozen features, mixing the features *is* mixing the
+inputs. Why not several augmented feature copies: that multiplies the (already dominant) cost of
+feature extraction and the feature cache by the number of copies, and still gives a fixed, finite
+set of views; feature-space views are fresh every step and cost nothing.
+
+>>> import torch
+>>> views = FeatureViews(torch.ones(4, 3) * torch.tensor([1.0, 2.0, 3.0]), dropout=0.0, noise=0.0)
+>>> views(torch.ones(2, 3), generator=torch.Generator().manual_seed(0)).tolist()
+[[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from turnctl.probe import init_head
+
+EVAL_CHUNK = 65536
+
+
+class FeatureViews:
+    """Random views of frozen features: dropout plus Gaussian jitter scaled per dimension.
+
+    ``train_features`` only provide the per-dimension standard deviation (computed once, float32).
+    ``strength`` multiplies both the dropout rate (capped at 0.9) and the jitter (strong views).
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> v = FeatureViews(torch.randn(100, 8, generator=g), dropout=0.5, noise=0.0)
+    >>> out = v(torch.ones(1000, 8), generator=g)
+    >>> sorted(set(out.flatten().tolist()))  # dropped (0) or rescaled by 1 / (1 - p)
+    [0.0, 2.0]
+    """
+
+    def __init__(self, train_features: torch.Tensor, *, dropout: float, noise: float):
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if noise < 0:
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        self.dropout, self.noise = float(dropout), float(noise)
+        self.std = _column_std(train_features)
+
+    def __call__(self, x: torch.Tensor, *, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+        x = x.float()
+        p = min(self.dropout * strength, 0.9)
+        s = self.noise * strength
+        # Random numbers from a CPU generator, then moved: the same draws on any device.
+        if p > 0:
+            keep = torch.rand(x.shape, generator=generator).to(x.device) >= p
+            x = x * keep / (1.0 - p)
+        if s > 0:
+            x = x + s * self.std.to(x.device) * torch.randn(x.shape, generator=generator).to(x.device)
+        return x
+
+
+def _column_std(x: torch.Tensor) -> torch.Tensor:
+    """Per-column std in float64 chunks (the features may be fp16 and large)."""
+    n = x.shape[0]
+    if n < 2:
+        return torch.zeros(x.shape[1], dtype=torch.float32)
+    s1 = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros(x.shape[1], dtype=torch.float64)
+    for s in range(0, n, EVAL_CHUNK):
+        c = x[s:s + EVAL_CHUNK].double().cpu()
+        s1 += c.sum(0)
+        s2 += (c * c).sum(0)
+    var = (s2 - s1 * s1 / n) / (n - 1)
+    return var.clamp_min(0).sqrt().float()
+
+
+def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MixMatch's temperature sharpening ``p^(1/T) / sum(p^(1/T))`` (rows).
+
+    >>> sharpen(torch.tensor([[0.25, 0.75]]), 0.5).tolist()  # (1/16, 9/16) / (10/16)
+    [[0.10000000149011612, 0.8999999761581421]]
+    """
+    pt = p ** (1.0 / temperature)
+    return pt / pt.sum(dim=1, keepdim=True)
+
+
+def linear_rampup(current: float, *, warmup: float, length: float, weight: float) -> float:
+    """``weight * clip((current - warmup) / length, 0, 1)``: DivideMix's and UNICON's ``lambda_u``.
+
+    >>> linear_rampup(7.0, warmup=5, length=16, weight=32.0)
+    4.0
+    """
+    return float(weight) * float(np.clip((current - warmup) / length, 0.0, 1.0))
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-mean_i sum_c t_ic log softmax(z_i)_c`` (MixMatch's labeled loss, soft targets).
+
+    >>> round(float(soft_cross_entropy(torch.zeros(1, 2), torch.tensor([[0.5, 0.5]]))), 4)  # log 2
+    0.6931
+    """
+    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
+
+
+def uniform_prior_penalty(logits: torch.Tensor) -> torch.Tensor:
+    """``sum_c pi_c log(pi_c / mean_i p_ic)`` with the uniform prior pi = 1/C: KL(pi || mean prediction).
+
+    DivideMix and UNICON add it so that mixup on noisy data does not collapse onto a few classes.
+
+    >>> float(uniform_prior_penalty(torch.zeros(3, 4)))  # the mean prediction is uniform
+    0.0
+    """
+    c = logits.shape[1]
+    mean = torch.softmax(logits.float(), dim=1).mean(0)
+    prior = torch.full_like(mean, 1.0 / c)
+    return (prior * torch.log(prior / mean)).sum()
+
+
+def mixup(inputs: torch.Tensor, targets: torch.Tensor, *, alpha: float, rng: np.random.Generator,
+          generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """MixMatch's mixup: ``l ~ Beta(a, a)``, ``l = max(l, 1 - l)``, mix with a random permutation.
+
+    ``l >= 0.5`` keeps every mixed row closer to its own input, so the first rows stay "labeled".
+
+    >>> import numpy as np, torch
+    >>> x, t = torch.eye(2), torch.eye(2)
+    >>> mx, mt, l = mixup(x, t, alpha=4.0, rng=np.random.default_rng(0),
+    ...                   generator=torch.Generator().manual_seed(0))
+    >>> bool(l >= 0.5) and torch.allclose(mx, mt)
+    True
+    """
+    lam = float(rng.beta(alpha, alpha))
+    lam = max(lam, 1.0 - lam)
+    perm = torch.randperm(inputs.shape[0], generator=generator).to(inputs.device)
+    return (lam * inputs + (1 - lam) * inputs[perm], lam * targets + (1 - lam) * targets[perm], lam)
+
+
+class Head:
+    """A linear head ``W f + b`` with its own torch optimizer (SGD or AdamW, the probe's settings)."""
+
+    def __init__(self, dim: int, num_classes: int, *, seed: int, optimizer: str, lr: float,
+                 weight_decay: float, momentum: float, device: torch.device):
+        w, b = init_head(dim, num_classes, torch.Generator().manual_seed(int(seed)))
+        self.W = w.to(device).requires_grad_(True)
+        self.b = b.to(device).requires_grad_(True)
+        params = [self.W, self.b]
+        if optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b, x.float(), self.W.t())
+
+    def step(self, loss: torch.Tensor, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        return {"weight": self.W.detach().float().cpu().clone(), "bias": self.b.detach().float().cpu().clone()}
+
+
+def mean_head(heads: Iterable[Head]) -> Dict[str, torch.Tensor]:
+    """One ``nn.Linear`` state equal to the mean of the heads' logits.
+
+    DivideMix and UNICON predict with the sum of their two networks' outputs; for linear heads that
+    sum is itself a linear head, so the averaged head predicts exactly what the pair predicts.
+    """
+    states = [h.state() for h in heads]
+    return {k: torch.stack([s[k] for s in states]).mean(0) for k in ("weight", "bias")}
+
+
+def cosine_lr(base: float, schedule: str, progress: float) -> float:
+    """Constant, or cosine from ``base`` to 0 over training progress in [0, 1].
+
+    Progress, not a step count: after warm-up the epochs of DivideMix and UNICON have data-dependent
+    lengths (the labeled set), so the total number of steps is not known in advance.
+
+    >>> round(cosine_lr(1.0, "cosine", 0.5), 6), cosine_lr(1.0, "constant", 0.5)
+    (0.5, 1.0)
+    """
+    if schedule == "constant":
+        return base
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+@torch.no_grad()
+def logits_of(heads: List[Head], X: torch.Tensor) -> torch.Tensor:
+    """Mean logits of ``heads`` on ``X`` (chunked; float32, on X's device)."""
+    out = []
+    for s in range(0, X.shape[0], EVAL_CHUNK):
+        x = X[s:s + EVAL_CHUNK].float()
+        out.append(sum(h(x) for h in heads) / len(heads))
+    return torch.cat(out) if out else torch.empty(0, heads[0].W.shape[0], device=X.device)
+
+
+@torch.no_grad()
+def accuracy_of(heads: List[Head], X: torch.Tensor, Y: torch.Tensor) -> float:
+    if X.shape[0] == 0:
+        return float("nan")
+    return float((logits_of(heads, X).argmax(1) == Y).float().mean())
+
+
+def resident(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Move once, keeping half precision (memory); batches are cast to float32 when used."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        x = x.float()
+    return x.to(dev).contiguous()
+
+
+def pick_device(device: Any) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def prepare_eval_sets(eval_sets: Optional[Mapping[str, Tuple[torch.Tensor, torch.Tensor]]],
+                      dev: torch.device) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    return {name: (resident(f, dev), y.to(dev, torch.long)) for name, (f, y) in (eval_sets or {}).items()}
+
+
+def selection_stats(selected: torch.Tensor, labels: torch.Tensor, clean: Optional[torch.Tensor],
+                    prefix: str) -> Dict[str, Any]:
+    """Size of a selected (labeled) set and, when the true labels are known, its purity."""
+    sel = selected.bool().cpu()
+    out: Dict[str, Any] = {f"{prefix}labeled": int(sel.sum())}
+    if clean is not None:
+        known = clean.cpu() >= 0
+        if bool(known.any()):
+            ok = (labels.cpu() == clean.cpu()) & known
+            k = sel & known
+            out[f"{prefix}labeled_purity"] = float(ok[k].float().mean()) if bool(k.any()) else None
+    return out
+
+
+
+@dataclass
+class HeadPairResult:
+    """What :func:`~turnctl.methods.dividemix.train_dividemix` and
+    :func:`~turnctl.methods.unicon.train_unicon` return (shaped like the probe's ``ProbeResult``).
+
+    ``head_state``: one ``nn.Linear(D, C)`` state dict (float32, CPU), the mean of the two heads,
+    which predicts exactly what the pair predicts (see :func:`mean_head`); it goes into the
+    Backbone's ``head``. ``heads``: the two heads' states. ``history``: one dict per epoch with
+    ``phase`` ("lp"), ``epoch`` (1-based), ``stage`` ("warmup" or "ssl"), ``train_loss``, ``lr``,
+    ``<name>_acc`` per eval set (the pair's accuracy), ``wall_s`` and method-specific selection
+    statistics. ``state``: per-sample arrays of the last selection (numpy), for reports.
+    """
+
+    head_state: Dict[str, torch.Tensor]
+    heads: List[Dict[str, torch.Tensor]]
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    state: Dict[str, Any] = field(default_factory=dict)
+
+
+def warmup_epoch(head: Head, X: torch.Tensor, Y: torch.Tensor, *, batch_size: int, generator: torch.Generator,
+                 lr_at) -> float:
+    """One CE epoch of ``head`` over all samples (DivideMix's and UNICON's warm-up); mean loss.
+
+    ``lr_at(fraction_of_epoch_done)`` gives the learning rate of each step.
+    """
+    n = X.shape[0]
+    perm = torch.randperm(n, generator=generator).to(X.device)
+    steps = max(1, math.ceil(n / batch_size))
+    total = 0.0
+    for k in range(steps):
+        rows = perm[k * batch_size:(k + 1) * batch_size]
+        loss = F.cross_entropy(head(X.index_select(0, rows)), Y.index_select(0, rows))
+        head.step(loss, lr_at(k / steps))
+        total += float(loss.detach()) * rows.numel()
+    return total / max(n, 1)
+
+
+def cycle_batches(idx: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """Endless batches of ``idx``, reshuffled at every pass (an unlabeled loader that restarts)."""
+    while True:
+        perm = idx[torch.randperm(idx.numel(), generator=generator).to(idx.device)]
+        for s in range(0, perm.numel(), batch_size):
+            yield perm[s:s + batch_size]

@@ -1,0 +1,289 @@
+"""UNICON as a linear probe (lp-unicon): two linear heads on cached features, uniform selection.
+
+UNICON (Karim et al., CVPR 2022), LP only as in the TURN paper. After ``warmup_epochs`` epochs of
+plain CE for both heads, every epoch, for head A then head B (the scores are recomputed in between,
+as UNICON's training loop does):
+
+1. **Score.** ``d_i = JSD(p_i, onehot(y_i))`` with ``p_i`` the mean of the two heads' softmax on the
+   (unaugmented) feature; base-2 logarithms, so ``d`` lies in [0, 1] (UNICON's paper) and
+   ``d_u = 0.7`` is meaningful; ``KL(p || m) = sum p log2((p + 1e-10) / (m + 1e-10))`` as UNICON's code.
+2. **Uniform selection.** ``threshold = mean(d)`` (lowered to ``mean - (mean - min(d)) / tau_f`` when
+   the mean exceeds ``d_u``), selection rate ``SR = |{d < threshold}| / N``; in every class c keep the
+   ``int(SR * N / C)`` samples with the lowest ``d`` (all of them when the class is smaller): this is
+   the labeled set, the rest is unlabeled. Label-refinement weights: ``w_i = 1 - d_i``, except
+   ``w_i = 1`` where ``d_i < 0.5`` (UNICON's "weight adjustment").
+3. **Train** the head with four views per sample (two weak, two strong): co-guessing on weak views
+   of u with both heads, co-refinement on weak views of x, MixMatch on the strong views
+   (``Lx + lambda_u * rampup * Lu + KL(uniform || mean prediction)``) plus ``lambda_c`` times the
+   SimCLR (NT-Xent) loss between the two strong views of u at temperature 0.05.
+
+Frozen-feature choices (documented, recipe section ``unicon``):
+
+* views are made in feature space (see :mod:`turnctl.methods.common`): weak = dropout ``p`` and
+  jitter ``s``; strong = both multiplied by ``strong_factor`` (2);
+* **the contrastive embedding is the head's output** (the L2-normalised logits). UNICON puts a
+  projection head on the encoder and the contrastive loss trains the encoder; here the encoder is
+  frozen, so a separate projection head would receive the contrastive gradient alone and leave the
+  classifier untouched (the loss would be a no-op). Applied to the logits, it asks the classifier
+  to map two views of a sample to the same direction and different samples apart;
+* the NT-Xent loss is the mean over the 2B anchors of ``-log(exp(s_pos / t) / sum_{k != i}
+  exp(s_ik / t))``; i.e. SupCon's unsupervised form with ``base_temperature = temperature``;
+* warm-up 5 of the 20 LP epochs, the probe's optimizer/lr/batch size/schedule, as for DivideMix.
+
+>>> import torch
+>>> from turnctl.recipe import ProbeSection, UniconSection
+>>> g = torch.Generator().manual_seed(0)
+>>> y = torch.arange(120) % 3
+>>> x = torch.randn(120, 6, generator=g) + 4 * torch.nn.functional.one_hot(y, 6).float()
+>>> res = train_unicon(x, y, num_classes=3, seed=0, log_every_epoch=False,
+...                    probe=ProbeSection(epochs=3, optimizer="adamw", lr=0.05, batch_size=32),
+...                    config=UniconSection(warmup_epochs=1), eval_sets={"train": (x, y)})
+>>> [h["stage"] for h in res.history], res.history[-1]["train_acc"] > 0.9
+(['warmup', 'ssl', 'ssl'], True)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from turnctl.methods.common import (
+    FeatureViews, Head, HeadPairResult, accuracy_of, cosine_lr, cycle_batches, linear_rampup,
+    mean_head, mixup, pick_device, prepare_eval_sets, resident, selection_stats, sharpen, soft_cross_entropy,
+    uniform_prior_penalty, warmup_epoch,
+)
+from turnctl.methods.dividemix import _check, _log_row, _mask
+from turnctl.recipe import ProbeSection, UniconSection
+
+log = logging.getLogger("turnctl")
+
+_KL_EPS = 1e-10  # UNICON's kl_divergence: p * log((p + eps) / (q + eps))
+
+
+def jsd_to_labels(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (base 2, in [0, 1]) between each row of ``probs`` and its one-hot label.
+
+    ``JSD(p, q) = KL(p || m) / 2 + KL(q || m) / 2``, ``m = (p + q) / 2``.
+
+    >>> jsd_to_labels(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])).tolist()
+    [0.0, 1.0]
+    """
+    p = probs.double()
+    q = F.one_hot(labels.long(), p.shape[1]).double()
+    m = (p + q) / 2
+
+    def kl(a, b):
+        return (a * torch.log2((a + _KL_EPS) / (b + _KL_EPS))).sum(dim=1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).float()
+
+
+@dataclass
+class UniformSelection:
+    """UNICON's selection: the labeled rows, their refinement weights and how they were chosen."""
+
+    labeled: torch.Tensor  # long [n_l], sorted
+    weights: torch.Tensor  # float [n_l]: 1 - d, or 1 where d < 0.5
+    unlabeled: torch.Tensor  # long, sorted
+    threshold: float
+    selection_rate: float  # SR
+    per_class: int  # int(SR * N / C)
+
+
+def uniform_selection(jsd: torch.Tensor, labels: torch.Tensor, *, num_classes: int, d_u: Optional[float] = 0.7,
+                      filter_coefficient: float = 5.0) -> UniformSelection:
+    """Class-balanced selection of the lowest-JSD samples (UNICON's uniform selection).
+
+    >>> d = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.8, 0.05])
+    >>> s = uniform_selection(d, torch.tensor([0, 0, 0, 1, 1, 1]), num_classes=2)
+    >>> round(s.threshold, 4), s.selection_rate, s.per_class  # 4 of 6 below the mean: int(4/6*6/2) = 2
+    (0.3917, 0.6666666666666666, 2)
+    >>> s.labeled.tolist(), s.weights.tolist()
+    ([0, 2, 3, 5], [1.0, 1.0, 1.0, 1.0])
+    """
+    d = jsd.float().cpu()
+    y = labels.long().cpu()
+    n = d.numel()
+    threshold = float(d.mean())
+    if d_u is not None and threshold > d_u:
+        threshold = threshold - (threshold - float(d.min())) / filter_coefficient
+    sr = float((d < threshold).sum()) / max(n, 1)
+    k = int(sr * n / num_classes)
+    keep = torch.zeros(n, dtype=torch.bool)
+    for c in range(num_classes):
+        rows = torch.nonzero(y == c).squeeze(1)
+        if rows.numel():
+            # stable: equal scores keep idx order, so the selection does not depend on the sort
+            order = torch.sort(d[rows], stable=True).indices[:k]
+            keep[rows[order]] = True
+    labeled = torch.nonzero(keep).squeeze(1)
+    w = 1.0 - d[labeled]
+    w = torch.where(d[labeled] < 0.5, torch.ones_like(w), w)
+    return UniformSelection(labeled=labeled, weights=w, unlabeled=torch.nonzero(~keep).squeeze(1),
+                            threshold=threshold, selection_rate=sr, per_class=k)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent loss between two views (rows of ``z1`` and ``z2`` are positive pairs).
+
+    Rows are L2-normalised; anchors are all 2B rows; the other 2B - 1 rows are the candidates.
+
+    >>> z = torch.eye(2)
+    >>> round(float(nt_xent(z, z, temperature=1.0)), 4)  # -log(e / (e + 1 + 1))
+    0.5514
+    """
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = z @ z.t() / temperature
+    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    pos = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(sim, pos)
+
+
+def unicon_step(net: Head, other: Head, xv: List[torch.Tensor], y_onehot: torch.Tensor, w: torch.Tensor,
+                uv: List[torch.Tensor], *, config: UniconSection, lambda_u: float, rng: np.random.Generator,
+                generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """UNICON's loss for ``net`` on one batch: ``xv``/``uv`` are the four views (weak, weak, strong,
+    strong) of the labeled and unlabeled rows; ``uv`` may have zero rows."""
+    x1, x2, x3, x4 = xv
+    u1, u2, u3, u4 = uv
+    bx, bu = x1.shape[0], u1.shape[0]
+    T = config.temperature
+    with torch.no_grad():
+        px = (torch.softmax(net(x1), 1) + torch.softmax(net(x2), 1)) / 2
+        tx = sharpen(w[:, None] * y_onehot + (1 - w[:, None]) * px, T)
+        if bu:
+            pu = (torch.softmax(net(u1), 1) + torch.softmax(net(u2), 1)
+                  + torch.softmax(other(u1), 1) + torch.softmax(other(u2), 1)) / 4
+            tu = sharpen(pu, T)
+    inputs = torch.cat([x3, x4, u3, u4]) if bu else torch.cat([x3, x4])
+    targets = torch.cat([tx, tx, tu, tu]) if bu else torch.cat([tx, tx])
+    mixed_x, mixed_t, _ = mixup(inputs, targets, alpha=config.alpha, rng=rng, generator=generator)
+    logits = net(mixed_x)
+    lx = soft_cross_entropy(logits[:2 * bx], mixed_t[:2 * bx])
+    zero = logits.new_zeros(())
+    lu = torch.mean((torch.softmax(logits[2 * bx:], 1) - mixed_t[2 * bx:]) ** 2) if bu else zero
+    # the contrastive pair needs at least two samples (one negative)
+    lc = nt_xent(net(u3), net(u4), temperature=config.contrastive_temperature) if bu > 1 else zero
+    penalty = uniform_prior_penalty(logits)
+    loss = lx + lambda_u * lu + config.lambda_c * lc + penalty
+    return loss, {"lx": float(lx.detach()), "lu": float(lu.detach()), "lc": float(lc.detach()),
+                  "penalty": float(penalty.detach())}
+
+
+@torch.no_grad()
+def pair_jsd(heads: List[Head], X: torch.Tensor, Y: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """JSD of every sample: mean of the heads' softmax vs the one-hot given label (CPU, float32)."""
+    out = []
+    for s in range(0, X.shape[0], chunk):
+        x = X[s:s + chunk].float()
+        p = sum(torch.softmax(h(x), 1) for h in heads) / len(heads)
+        out.append(jsd_to_labels(p, Y[s:s + chunk]).cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def train_unicon(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    probe: ProbeSection,
+    config: UniconSection,
+    seed: int,
+    device: Union[None, str, torch.device] = None,
+    eval_sets: Optional[Mapping[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+    clean: Optional[torch.Tensor] = None,
+    log_every_epoch: bool = True,
+) -> HeadPairResult:
+    """Train UNICON's two linear heads on frozen features; see the module docstring.
+
+    Arguments as :func:`turnctl.methods.dividemix.train_dividemix`, with ``config`` the recipe's
+    ``unicon`` section. Returns a :class:`~turnctl.methods.common.HeadPairResult`.
+    """
+    _check(features, labels, num_classes)
+    dev = pick_device(device)
+    X, Y = resident(features, dev), labels.to(dev, torch.long)
+    n, dim = X.shape
+    B = min(probe.batch_size, max(n, 1))
+    evals = prepare_eval_sets(eval_sets, dev)
+    gen = torch.Generator().manual_seed(int(seed))
+    rng = np.random.default_rng(int(seed))
+    views = FeatureViews(features, dropout=config.view_dropout, noise=config.view_noise)
+    heads = [Head(dim, num_classes, seed=int(seed) + k, optimizer=probe.optimizer, lr=probe.lr,
+                  weight_decay=probe.weight_decay, momentum=probe.momentum, device=dev) for k in (0, 1)]
+    onehot = F.one_hot(Y, num_classes).float()
+    E = probe.epochs
+    history: List[Dict[str, Any]] = []
+    state: Dict[str, Any] = {}
+    if config.warmup_epochs >= E > 0:
+        log.warning("unicon: warmup_epochs=%d >= probe.epochs=%d: only CE warm-up, no selection",
+                    config.warmup_epochs, E)
+    for epoch in range(E):
+        t0 = time.perf_counter()
+        row: Dict[str, Any] = {"phase": "lp", "epoch": epoch + 1}
+        lr_at = (lambda frac, e=epoch: cosine_lr(probe.lr, probe.schedule, (e + frac) / E))
+        if epoch < config.warmup_epochs:
+            losses = [warmup_epoch(h, X, Y, batch_size=B, generator=gen, lr_at=lr_at) for h in heads]
+            row.update(stage="warmup", train_loss=float(np.mean(losses)))
+        else:
+            total, count = 0.0, 0
+            for k, (net, other) in enumerate(((heads[0], heads[1]), (heads[1], heads[0]))):
+                jsd = pair_jsd(heads, X, Y)  # recomputed after the first head has trained, as UNICON
+                sel = uniform_selection(jsd, Y, num_classes=num_classes, d_u=config.d_u,
+                                        filter_coefficient=config.filter_coefficient)
+                row.update({f"head{k}_selection_rate": sel.selection_rate, f"head{k}_threshold": sel.threshold,
+                            **selection_stats(_mask(sel.labeled, n), labels, clean, f"head{k}_")})
+                if sel.labeled.numel() == 0:
+                    log.warning("unicon epoch %d: the uniform selection is empty (SR %.3f); head %d skips "
+                                "this epoch", epoch + 1, sel.selection_rate, k)
+                    continue
+                l, c = _ssl_epoch(net, other, X, onehot, sel, views=views, config=config, batch_size=B,
+                                  epoch=epoch, rng=rng, generator=gen, lr_at=lr_at)
+                total, count = total + l, count + c
+                state = {"jsd": jsd.numpy(), "labeled": sel.labeled.numpy()}
+            row.update(stage="ssl", train_loss=total / max(count, 1))
+        row["lr"] = lr_at(1.0)
+        for name, (fe, la) in evals.items():
+            row[f"{name}_acc"] = accuracy_of(heads, fe, la)
+        row["wall_s"] = time.perf_counter() - t0
+        history.append(row)
+        if log_every_epoch:
+            _log_row("unicon", row, E)
+    return HeadPairResult(head_state=mean_head(heads), heads=[h.state() for h in heads], history=history,
+                          state=state)
+
+
+def _ssl_epoch(net: Head, other: Head, X, onehot, sel: UniformSelection, *, views: FeatureViews,
+               config: UniconSection, batch_size: int, epoch: int, rng, generator, lr_at) -> Tuple[float, int]:
+    dev = X.device
+    lab, w = sel.labeled.to(dev), sel.weights.to(dev)
+    order = torch.randperm(lab.numel(), generator=generator).to(dev)
+    steps = max(1, math.ceil(lab.numel() / batch_size))
+    unl = cycle_batches(sel.unlabeled.to(dev), batch_size, generator) if sel.unlabeled.numel() else None
+    strong = config.strong_factor
+
+    def four(v):
+        return [views(v, generator=generator), views(v, generator=generator),
+                views(v, generator=generator, strength=strong), views(v, generator=generator, strength=strong)]
+
+    total = 0.0
+    for k in range(steps):
+        pick = order[k * batch_size:(k + 1) * batch_size]
+        rows = lab.index_select(0, pick)
+        xv = four(X.index_select(0, rows))
+        uv = four(X.index_select(0, next(unl))) if unl is not None else [v[:0] for v in xv]
+        lam_u = linear_rampup(epoch + k / steps, warmup=config.warmup_epochs, length=config.rampup_epochs,
+                              weight=config.lambda_u)
+        loss, _ = unicon_step(net, other, xv, onehot.index_select(0, rows), w.index_select(0, pick), uv,
+                              config=config, lambda_u=lam_u, rng=rng, generator=generator)
+        net.step(loss, lr_at(k / steps))
+        total += float(loss.detach()) * rows.numel()
+    return total, int(lab.numel())
