@@ -35,8 +35,9 @@ def _overview(s: Dict[str, Any]) -> Table:
     q = s["quality"]
     if q:
         t.add_row("true noise rate (known labels)", _pct(q["true_noise_rate"]))
-        t.add_row("flagged precision (real issues / flagged)", f"{_pct(q['precision'])}  ({q['true_positives']}/{q['flagged']})")
-        t.add_row("flagged recall (flagged / real issues)", f"{_pct(q['recall'])}  ({q['true_positives']}/{q['real_issues']})")
+        tp = q["true_positives"]
+        t.add_row("flagged precision (real issues / flagged)", f"{_pct(q['precision'])}  ({tp}/{q['flagged']})")
+        t.add_row("flagged recall (flagged / real issues)", f"{_pct(q['recall'])}  ({tp}/{q['real_issues']})")
     else:
         t.add_row("precision / recall", "- (true labels unknown)")
     return t
