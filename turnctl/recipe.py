@@ -222,8 +222,9 @@ class NMTuneSection(Section):
     svd_weight: float = Field(default=1e-3, ge=0.0)
     svd_top_k: int = Field(default=5, ge=1)
     # Ridge of the least-squares fold of the feature MLP into one linear head (relative to the mean
-    # eigenvalue of the features' Gram matrix); see turnctl/methods/nmtune.py.
-    fold_ridge: float = Field(default=1e-3, gt=0.0)
+    # eigenvalue of the features' Gram matrix); null: the one of 1e-4..1 whose fold agrees best with
+    # the NMTune model on the val features (no labels used). See turnctl/methods/nmtune.py.
+    fold_ridge: Optional[float] = Field(default=None, gt=0.0)
 
 
 class OutputSection(Section):

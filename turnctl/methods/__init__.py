@@ -69,5 +69,5 @@ def train_on_features(method: str, features: torch.Tensor, labels: torch.Tensor,
         res = train_nmtune(features, labels, num_classes=num_classes, config=recipe.nmtune, seed=seed,
                            device=device, eval_sets=eval_sets, log_every_epoch=log_every_epoch)
         return {"head_state": res.head_state, "history": res.history, "state": {"nmtune": res.model_state},
-                "summary": {"nmtune_fold_agreement": res.fold_agreement}}
+                "summary": {"nmtune_fold_agreement": res.fold_agreement, "nmtune_fold_ridge": res.fold_ridge}}
     raise ValueError(f"not a feature-space method: {method!r} (expected one of {', '.join(FEATURE_METHODS)})")

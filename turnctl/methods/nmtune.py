@@ -26,8 +26,13 @@ What goes into the Backbone (``head_state``): the Backbone's head is one ``nn.Li
 ``f``, and its export format has no place for the MLP, so the trained model is **folded** into one
 linear head: the best (ridge-regularised least-squares) affine approximation ``z ~ f A + a`` over the
 train features, composed with NMTune's head, ``W' = W A^T, b' = W a + b``. The fold is exact when the
-MLP acts linearly on the data and otherwise the closest linear classifier in this sense; its
-top-1 agreement with the NMTune model (train and every eval set) is reported as ``fold_agreement``.
+MLP acts linearly on the data and otherwise the closest linear classifier in this sense. The ridge
+(``nmtune.fold_ridge``; relative to the mean eigenvalue of the features' Gram matrix) is by default
+chosen from 1e-4 ... 1 as the one whose fold agrees best (top-1) with the NMTune model on the
+``val`` features (train when there is no val split): with fewer samples than dimensions the
+least-squares problem is underdetermined and a tiny ridge copies the train set but not the model.
+No label is used. The fold's top-1 agreement with the model (train and every eval set) is reported
+as ``fold_agreement``, the ridge as ``fold_ridge``.
 The per-epoch accuracies in ``history`` are the NMTune model's own (what the nmtune baseline is);
 the full model is returned as ``model_state`` (the runner saves it in ``method_state.pt``).
 
@@ -47,7 +52,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -148,6 +153,7 @@ class NMTuneResult:
     model_state: Dict[str, Any]
     history: List[Dict[str, Any]] = field(default_factory=list)
     fold_agreement: Dict[str, float] = field(default_factory=dict)
+    fold_ridge: Optional[float] = None
 
 
 def load_model(model_state: Mapping[str, Any]) -> NMTuneModel:
@@ -167,18 +173,25 @@ def predict(model: NMTuneModel, features: torch.Tensor) -> torch.Tensor:
     return torch.cat(out) if out else torch.empty(0, model.head.out_features)
 
 
+FOLD_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
 @torch.no_grad()
-def fold_head(model: NMTuneModel, features: torch.Tensor, *, ridge: float = 1e-3) -> Dict[str, torch.Tensor]:
-    """One linear head ``W A^T, W a + b`` from the ridge least-squares fit ``z ~ f A + a`` on ``features``.
+def fold_head(model: NMTuneModel, features: torch.Tensor, *, ridge: Union[float, Sequence[float]] = 1e-3,
+              select_on: Optional[torch.Tensor] = None) -> Tuple[Dict[str, torch.Tensor], float]:
+    """One linear head ``W A^T, W a + b`` from the ridge least-squares fit ``z ~ f A + a`` on
+    ``features``; returns ``(head_state, ridge used)``.
 
     The ridge is ``ridge`` times the mean eigenvalue of the (uncentred) Gram matrix of f, on the
-    weights only (not the intercept). Solved in float64.
+    weights only (not the intercept); solved in float64. Given several ridges, the one whose head
+    agrees best with the model's top-1 on ``select_on`` (default ``features``) wins; ties go to the
+    larger ridge.
 
     >>> m = NMTuneModel(3, 2).eval()
     >>> _ = torch.nn.init.zeros_(m.mlp[3].weight), torch.nn.init.zeros_(m.mlp[3].bias)  # MLP = 0: z = f
-    >>> h = fold_head(m, torch.randn(50, 3), ridge=1e-9)
-    >>> torch.allclose(h["weight"], m.head.weight, atol=1e-5)
-    True
+    >>> h, r = fold_head(m, torch.randn(50, 3), ridge=1e-9)
+    >>> torch.allclose(h["weight"], m.head.weight, atol=1e-5), r
+    (True, 1e-09)
     """
     model.eval()
     dev = next(model.parameters()).device
@@ -191,13 +204,28 @@ def fold_head(model: NMTuneModel, features: torch.Tensor, *, ridge: float = 1e-3
         x = torch.cat([f.double().cpu(), torch.ones(f.shape[0], 1, dtype=torch.float64)], 1)
         G += x.t() @ x
         R += x.t() @ z
-    lam = ridge * float(torch.diagonal(G)[:d].mean()) if d else 0.0
-    reg = torch.full((d + 1,), lam, dtype=torch.float64)
-    reg[d] = 0.0
-    A = torch.linalg.solve(G + torch.diag(reg), R)  # [D + 1, D]
     W = model.head.weight.detach().double().cpu()
     b = model.head.bias.detach().double().cpu()
-    return {"weight": (W @ A[:d].t()).float(), "bias": (W @ A[d] + b).float()}
+    scale = float(torch.diagonal(G)[:d].mean()) if d else 0.0
+    ridges = [float(ridge)] if isinstance(ridge, (int, float)) else [float(r) for r in ridge]
+    target = predict(model, select_on if select_on is not None else features).argmax(1).cpu()
+    best = None
+    for r in sorted(ridges, reverse=True):
+        reg = torch.full((d + 1,), r * scale, dtype=torch.float64)
+        reg[d] = 0.0
+        A = torch.linalg.solve(G + torch.diag(reg), R)  # [D + 1, D]
+        head = {"weight": (W @ A[:d].t()).float(), "bias": (W @ A[d] + b).float()}
+        agree = float((_linear_logits(head, select_on if select_on is not None else features).argmax(1).cpu()
+                       == target).float().mean()) if len(ridges) > 1 else 1.0
+        if best is None or agree > best[0]:
+            best = (agree, head, r)
+    return best[1], best[2]
+
+
+def _linear_logits(head: Mapping[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    out = [torch.addmm(head["bias"].to(features.device), features[s:s + EVAL_CHUNK].float(),
+                       head["weight"].to(features.device).t()) for s in range(0, features.shape[0], EVAL_CHUNK)]
+    return torch.cat(out) if out else torch.empty(0, head["bias"].numel())
 
 
 def train_nmtune(
@@ -273,12 +301,15 @@ def train_nmtune(
             log.info("NMTune epoch %d/%d  loss %.4f (ce %.4f mse %.4f cov %.4f svd %.4f)  %s  %.1fs", epoch + 1,
                      config.epochs, row["train_loss"], row["ce"], row["mse"], row["cov"], row["svd"], accs,
                      row["wall_s"])
-    head = fold_head(model, X, ridge=config.fold_ridge)
+    held_out = evals["val"][0] if "val" in evals and evals["val"][0].shape[0] else None
+    head, ridge = fold_head(model, X, ridge=FOLD_RIDGES if config.fold_ridge is None else config.fold_ridge,
+                            select_on=held_out)
     agreement = {}
     for name, fe in [("train", X)] + [(k, v[0]) for k, v in evals.items() if k != "train"]:
         if fe.shape[0]:
-            folded = torch.addmm(head["bias"].to(dev), fe.float(), head["weight"].to(dev).t())
-            agreement[name] = float((folded.argmax(1) == predict(model, fe).argmax(1)).float().mean())
+            agreement[name] = float((_linear_logits(head, fe).argmax(1).cpu()
+                                     == predict(model, fe).argmax(1).cpu()).float().mean())
     model_state = {"dim": dim, "num_classes": num_classes, "hidden_mult": config.hidden_mult,
                    "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-    return NMTuneResult(head_state=head, model_state=model_state, history=history, fold_agreement=agreement)
+    return NMTuneResult(head_state=head, model_state=model_state, history=history, fold_agreement=agreement,
+                        fold_ridge=ridge)
