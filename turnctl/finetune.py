@@ -77,12 +77,19 @@ class FineTuner:
 
     # ---- the linear-probe head becomes the starting classifier ---------------------------
     def set_head(self, head_state: Dict[str, torch.Tensor]) -> None:
-        """Load the probe's head into the engine (master fp32 weights and module) on every rank."""
+        """Load the probe's head into the engine on every rank (collective).
+
+        Both copies matter: DeepSpeed's fp32 master weights (what the optimizer steps from) and the
+        module's own parameters (what forwards use). The master alone only reaches the module at the
+        next optimizer step, so the first per-sample loss pass, and with it the first GMM selection,
+        would run with the random head.
+        """
         from deepspeed.utils import safe_set_full_fp32_param
 
         head = self.module.head
         safe_set_full_fp32_param(head.weight, head_state["weight"].float())
         safe_set_full_fp32_param(head.bias, head_state["bias"].float())
+        self.module.load_head_state(head_state)
 
     # ---- lockstep passes -----------------------------------------------------------------
     def _forward_eval(self, x: torch.Tensor) -> torch.Tensor:

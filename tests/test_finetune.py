@@ -1,0 +1,91 @@
+"""FineTuner pieces that must hold on any ZeRO stage: the probe's head reaches the forward, the LR
+schedule, whole optimizer steps per epoch."""
+
+import math
+
+import pytest
+import torch
+
+from turnctl import distributed as dist
+from turnctl.backbones import load_backbone
+from turnctl.finetune import FineTuner, accuracy_report, lr_at
+from turnctl.recipe import load_recipe
+
+
+@pytest.fixture(autouse=True)
+def _clean_dist_env():
+    """This module keeps its own world of one (below) across tests: leave its environment alone."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    # One process group for the module: DeepSpeed caches its groups in module globals, so a
+    # destroyed and re-created default group breaks the next engine in the same process.
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for k in saved:
+        os.environ.pop(k, None)
+    dist.init_distributed(5)
+    yield
+    dist.destroy()
+    for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_set_head_reaches_the_forward_before_any_step(world_of_one, stage):
+    # Regression: setting only DeepSpeed's fp32 master left the module's head random until the
+    # first optimizer step, so TURN's first loss pass and GMM ran on a random head.
+    r = load_recipe("tiny", [f"deepspeed.zero_stage={stage}", "deepspeed.stage3_param_persistence_threshold=0",
+                             "finetune.batch_size=4", "finetune.micro_batch_size=4"])
+    dist.set_seed(0, per_rank=False)
+    bb = load_backbone(r.model, num_classes=3, ds_config=r.deepspeed_config(1) if stage == 3 else None)
+    tuner = FineTuner(bb, r)
+    g = torch.Generator().manual_seed(1)
+    state = {"weight": torch.randn(3, 32, generator=g), "bias": torch.randn(3, generator=g)}
+    tuner.set_head(state)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    tuner.engine.eval()
+    with torch.no_grad():
+        feats = tuner.module.features(x)
+        logits = tuner.engine(x)
+    torch.testing.assert_close(logits, feats @ state["weight"].T + state["bias"], rtol=1e-5, atol=1e-5)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    torch.testing.assert_close(safe_get_full_fp32_param(tuner.module.head.weight), state["weight"])
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(base_lr=1.0, schedule="constant", warmup_steps=0, global_step=10, progress=0.5) == 1.0
+    assert lr_at(base_lr=1.0, schedule="cosine", warmup_steps=0, global_step=0, progress=0.0) == 1.0
+    assert lr_at(base_lr=1.0, schedule="cosine", warmup_steps=0, global_step=9, progress=0.5) == pytest.approx(0.5)
+    assert lr_at(base_lr=2.0, schedule="cosine", warmup_steps=0, global_step=9, progress=1.0) == pytest.approx(0.0)
+    # Warmup: step 0 of 4 gets a quarter, scaled by the cosine at that progress.
+    assert lr_at(base_lr=1.0, schedule="cosine", warmup_steps=4, global_step=0, progress=0.25) == pytest.approx(
+        0.25 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_micro_steps_are_whole_optimizer_steps(world_of_one):
+    r = load_recipe("tiny")  # batch 16, micro 4, world 1 -> 4 micro-steps per optimizer step
+    dist.set_seed(0, per_rank=False)
+    tuner = FineTuner(load_backbone(r.model, num_classes=3), r)
+    assert tuner.accum == 4
+    assert tuner.micro_steps_for(100) == 24  # 25 micro-batches -> 6 whole optimizer steps
+    assert tuner.micro_steps_for(3) == 4  # never zero: one optimizer step at least
+
+
+def test_accuracy_report_per_class_and_confusions():
+    import numpy as np
+
+    labels = np.array([0, 0, 1, 1, 2, 2, 2])
+    pred = np.array([0, 1, 1, 1, 1, 1, 2])
+    ok = np.array([1, 1, 1, 1, 1, 1, 0], dtype=bool)  # the last one could not be decoded
+    rep = accuracy_report(pred, labels, ok, num_classes=3, class_names=["a", "b", "c"])
+    assert rep["accuracy"] == pytest.approx(3 / 6)
+    assert rep["per_class_accuracy"] == [0.5, 1.0, 0.0]
+    assert rep["undecodable"] == 1
+    assert rep["most_confused"][0] == {"true": "c", "predicted": "b", "count": 2}
