@@ -231,21 +231,22 @@ class _Pieces:
         P = 8
         while P < _ROW_MAX and 8 * P <= n // max(C, 1):
             P *= 2
-        # Group by class with a stable sort of the labels (the losses need no sorting); narrow
-        # integer keys sort two to three times faster than int64, and int32 indexes fine.
-        ys, order = torch.sort(y.to(torch.int16 if C <= torch.iinfo(torch.int16).max else torch.int32), stable=True)
-        ys = ys.to(torch.int32)
+        # Group by class with a stable argsort of the labels (the losses need no sorting); narrow
+        # integer keys sort two to three times faster than int64.
+        order = torch.argsort(y.to(torch.int16 if C <= torch.iinfo(torch.int16).max else torch.int32), stable=True)
         xs = x.index_select(0, order)
         del order
         lo = torch.segment_reduce(xs, "min", lengths=counts)
         rows = (counts + P - 1) // P
         row0 = torch.cumsum(rows, 0) - rows
         start = torch.cumsum(counts, 0) - counts
-        # sorted sample i of class c goes to flat slot row0_c * P + (i - start_c)
-        pos = torch.arange(n, device=dev).add_((row0 * P - start).index_select(0, ys))
+        # Sorted sample i of class c goes to flat slot row0_c * P + (i - start_c). Per-class values
+        # are expanded along the sorted samples with repeat_interleave (no label array needed).
+        pos = torch.arange(n, device=dev).add_(torch.repeat_interleave(row0 * P - start, counts, output_size=n))
         R = int(rows.sum())
-        X = x.new_zeros(R * P).index_copy_(0, pos, xs.sub_(lo.index_select(0, ys))).view(R, P)
-        del pos, xs, ys
+        xs.sub_(torch.repeat_interleave(lo, counts, output_size=n))
+        X = x.new_zeros(R * P).index_copy_(0, pos, xs).view(R, P)
+        del pos, xs
         row_cls = torch.repeat_interleave(torch.arange(C, device=dev), rows)
         # Samples fill each class's rows from the left: row r holds n_c - (r - row0_c) * P of them.
         real = (counts.index_select(0, row_cls) - (torch.arange(R, device=dev) - row0.index_select(0, row_cls)) * P)
@@ -413,18 +414,20 @@ def _fit_pieces(pc: _Pieces, *, max_iter: int, tol: float, reg_covar: float):
         da, db, dq = _log_odds_coefficients(mu, var, w)
         d = work.quadratic(da, db, dq)  # in b0
         r0 = torch.sigmoid(d, out=work.b1)
-        R0 = work.sum(torch.mul(r0, work.M, out=work.b2))  # padding masked out
-        rx = torch.mul(r0, work.X, out=work.b2)  # padding has x = 0: no mask needed
+        # Padding sits at x = 0, where d = da: it adds nothing to x-weighted sums, and its share
+        # of the others is removed in closed form. No cancellation to fear: the class minimum is
+        # a real sample at x = 0 too, so R0 >= sigmoid(da) >= (padding's share) / P.
+        ra = torch.sigmoid(da)
+        R0 = work.sum(r0) - work.npad * ra
+        rx = torch.mul(r0, work.X, out=work.b2)
         R0x = work.sum(rx)
         R0xx = work.sum(rx.mul_(work.X))
         # Mean log-likelihood under this E-step's parameters (scikit-learn's "lower bound"):
         # log p(x) = l1(x) + softplus(d); the l1 part is a closed form in the class sums, and
         # softplus(d) = relu(d) - log(max(r0, 1 - r0)) reuses r0 (the log's argument is in
-        # [0.5, 1]: accurate, and summed as a log of products, one log per row). Padding sits at
-        # x = 0, where d = da: its share of both sums is removed in closed form.
+        # [0.5, 1]: accurate, and summed as a log of products, one log per row).
         m = torch.maximum(torch.sub(1.0, r0, out=work.b2), r0, out=work.b2)
         sp = work.sum(torch.clamp(d, min=0.0, out=work.b1)) - work.sum_log(m)
-        ra = torch.sigmoid(da)
         sp -= work.npad * (da.clamp(min=0.0) - torch.maximum(ra, 1.0 - ra).log())
         a, b, q = _coefficients(mu, var, w)
         nw = work.counts.to(dt)
@@ -530,7 +533,7 @@ def select_clean(losses: ArrayLike, labels: ArrayLike, *, num_classes: int, tau:
     a, b, q = torch.where(fit, a, torch.inf), torch.where(fit, b, 0.0), torch.where(fit, q, 0.0)
     ya = a.index_select(0, Yv)
     p = ya.addcmul_(x, torch.index_select(b, 0, Yv).addcmul_(x, torch.index_select(q, 0, Yv)))
-    p = torch.sigmoid(p, out=p).to(torch.float32)
+    p = torch.sigmoid(p, out=torch.empty(p.shape, dtype=torch.float32, device=dev))
     if vidx is not None:
         p = torch.zeros(N, dtype=torch.float32, device=dev).index_copy_(0, vidx, p)
     mu = mu + lo[:, None]
