@@ -40,7 +40,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def converged_pair(data):
-    """Both fits run to convergence (the reference the brief asks for)."""
+    """Both fits run to convergence: the same optimum, so the strictest comparison."""
     losses, labels, C = data
     kw = dict(num_classes=C, max_iter=3000, tol=1e-10)
     return select_clean(losses, labels, **kw), fit_reference_sklearn(losses, labels, **kw)
