@@ -25,6 +25,7 @@ set of views; feature-space views are fresh every step and cost nothing.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -33,9 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from turnctl.errors import DataError
 from turnctl.probe import init_head
 
 EVAL_CHUNK = 65536
+
+log = logging.getLogger("turnctl")
 
 
 class FeatureViews:
@@ -294,3 +298,30 @@ def cycle_batches(idx: torch.Tensor, batch_size: int, generator: torch.Generator
         perm = idx[torch.randperm(idx.numel(), generator=generator).to(idx.device)]
         for s in range(0, perm.numel(), batch_size):
             yield perm[s:s + batch_size]
+
+
+def row_mask(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """A bool mask of length n, True at ``rows``."""
+    m = torch.zeros(n, dtype=torch.bool)
+    m[rows.cpu()] = True
+    return m
+
+
+def check_inputs(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    """One-line :class:`~turnctl.errors.DataError` for features and labels that cannot be trained on."""
+    if features.dim() != 2 or labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise DataError(f"features must be [N, D] with labels [N]; got {tuple(features.shape)} and "
+                        f"{tuple(labels.shape)}")
+    if features.shape[0] < 2:
+        raise DataError(f"need at least 2 train samples, got {features.shape[0]}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise DataError(f"labels must lie in [0, {num_classes}), found {lo}..{hi}")
+
+
+def log_epoch(name: str, row: Dict[str, Any], epochs: int) -> None:
+    """One log line per epoch of a two-head method (stage, loss, accuracies, labeled-set sizes)."""
+    accs = "  ".join(f"{k[:-4]} {100 * v:.2f}%" for k, v in row.items() if k.endswith("_acc"))
+    extra = "  ".join(f"{k} {v}" for k, v in row.items() if k.endswith("labeled"))
+    log.info("%s epoch %d/%d [%s] loss %.4f  %s  %s  %.1fs", name, row["epoch"], epochs, row["stage"],
+             row["train_loss"], accs, extra, row["wall_s"])

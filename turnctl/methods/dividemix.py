@@ -52,11 +52,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from turnctl.errors import DataError
 from turnctl.methods.common import (
-    FeatureViews, Head, HeadPairResult, accuracy_of, cosine_lr, cycle_batches, linear_rampup,
-    mean_head, mixup, pick_device, prepare_eval_sets, resident, selection_stats, sharpen, soft_cross_entropy,
-    uniform_prior_penalty, warmup_epoch,
+    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, cosine_lr, cycle_batches, linear_rampup,
+    log_epoch, mean_head, mixup, pick_device, prepare_eval_sets, resident, row_mask, selection_stats, sharpen,
+    soft_cross_entropy, uniform_prior_penalty, warmup_epoch,
 )
 from turnctl.recipe import DivideMixSection, ProbeSection
 
@@ -207,7 +206,7 @@ def train_dividemix(
 
     Returns a :class:`~turnctl.methods.common.HeadPairResult`.
     """
-    _check(features, labels, num_classes)
+    check_inputs(features, labels, num_classes)
     dev = pick_device(device)
     X, Y = resident(features, dev), labels.to(dev, torch.long)
     n, dim = X.shape
@@ -246,7 +245,7 @@ def train_dividemix(
                 if d.fallback:
                     log.warning("dividemix epoch %d: no sample passed p_threshold %.2f for head %d; using "
                                 "the %d highest clean posteriors", epoch + 1, config.p_threshold, k, d.labeled.numel())
-                row.update(selection_stats(_mask(d.labeled, n), labels, clean, f"head{k}_"))
+                row.update(selection_stats(row_mask(d.labeled, n), labels, clean, f"head{k}_"))
                 l, c = _ssl_epoch(net, other, X, onehot, d, views=views, config=config, batch_size=B,
                                   epoch=epoch, rng=rng, generator=gen, lr_at=lr_at)
                 total, count = total + l, count + c
@@ -258,7 +257,7 @@ def train_dividemix(
         row["wall_s"] = time.perf_counter() - t0
         history.append(row)
         if log_every_epoch:
-            _log_row("dividemix", row, E)
+            log_epoch("dividemix", row, E)
     return HeadPairResult(head_state=mean_head(heads), heads=[h.state() for h in heads], history=history,
                           state=state)
 
@@ -290,27 +289,3 @@ def _ssl_epoch(net: Head, other: Head, X, onehot, d: Division, *, views: Feature
         net.step(loss, lr_at(k / steps))
         total += float(loss.detach()) * rows.numel()
     return total, int(lab.numel())
-
-
-def _mask(rows: torch.Tensor, n: int) -> torch.Tensor:
-    m = torch.zeros(n, dtype=torch.bool)
-    m[rows.cpu()] = True
-    return m
-
-
-def _check(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
-    if features.dim() != 2 or labels.dim() != 1 or labels.shape[0] != features.shape[0]:
-        raise DataError(f"features must be [N, D] with labels [N]; got {tuple(features.shape)} and "
-                        f"{tuple(labels.shape)}")
-    if features.shape[0] < 2:
-        raise DataError(f"need at least 2 train samples, got {features.shape[0]}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        raise DataError(f"labels must lie in [0, {num_classes}), found {lo}..{hi}")
-
-
-def _log_row(name: str, row: Dict[str, Any], epochs: int) -> None:
-    accs = "  ".join(f"{k[:-4]} {100 * v:.2f}%" for k, v in row.items() if k.endswith("_acc"))
-    extra = "  ".join(f"{k} {v}" for k, v in row.items() if k.endswith("labeled"))
-    log.info("%s epoch %d/%d [%s] loss %.4f  %s  %s  %.1fs", name, row["epoch"], epochs, row["stage"],
-             row["train_loss"], accs, extra, row["wall_s"])

@@ -58,8 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from turnctl.methods.common import EVAL_CHUNK, pick_device, prepare_eval_sets, resident
-from turnctl.methods.dividemix import _check
+from turnctl.methods.common import EVAL_CHUNK, check_inputs, pick_device, prepare_eval_sets, resident
 from turnctl.probe import lr_schedule
 from turnctl.recipe import NMTuneSection
 
@@ -249,7 +248,7 @@ def train_nmtune(
         seed: seeds the initialisation (without touching the global RNG) and the batch order.
         eval_sets: ``{name: (features, labels)}`` evaluated after every epoch as ``<name>_acc``.
     """
-    _check(features, labels, num_classes)
+    check_inputs(features, labels, num_classes)
     dev = pick_device(device)
     X, Y = resident(features, dev), labels.to(dev, torch.long)
     n, dim = X.shape

@@ -55,11 +55,10 @@ import torch
 import torch.nn.functional as F
 
 from turnctl.methods.common import (
-    FeatureViews, Head, HeadPairResult, accuracy_of, cosine_lr, cycle_batches, linear_rampup,
-    mean_head, mixup, pick_device, prepare_eval_sets, resident, selection_stats, sharpen, soft_cross_entropy,
-    uniform_prior_penalty, warmup_epoch,
+    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, cosine_lr, cycle_batches, linear_rampup,
+    log_epoch, mean_head, mixup, pick_device, prepare_eval_sets, resident, row_mask, selection_stats, sharpen,
+    soft_cross_entropy, uniform_prior_penalty, warmup_epoch,
 )
-from turnctl.methods.dividemix import _check, _log_row, _mask
 from turnctl.recipe import ProbeSection, UniconSection
 
 log = logging.getLogger("turnctl")
@@ -208,7 +207,7 @@ def train_unicon(
     Arguments as :func:`turnctl.methods.dividemix.train_dividemix`, with ``config`` the recipe's
     ``unicon`` section. Returns a :class:`~turnctl.methods.common.HeadPairResult`.
     """
-    _check(features, labels, num_classes)
+    check_inputs(features, labels, num_classes)
     dev = pick_device(device)
     X, Y = resident(features, dev), labels.to(dev, torch.long)
     n, dim = X.shape
@@ -240,7 +239,7 @@ def train_unicon(
                 sel = uniform_selection(jsd, Y, num_classes=num_classes, d_u=config.d_u,
                                         filter_coefficient=config.filter_coefficient)
                 row.update({f"head{k}_selection_rate": sel.selection_rate, f"head{k}_threshold": sel.threshold,
-                            **selection_stats(_mask(sel.labeled, n), labels, clean, f"head{k}_")})
+                            **selection_stats(row_mask(sel.labeled, n), labels, clean, f"head{k}_")})
                 if sel.labeled.numel() == 0:
                     log.warning("unicon epoch %d: the uniform selection is empty (SR %.3f); head %d skips "
                                 "this epoch", epoch + 1, sel.selection_rate, k)
@@ -256,7 +255,7 @@ def train_unicon(
         row["wall_s"] = time.perf_counter() - t0
         history.append(row)
         if log_every_epoch:
-            _log_row("unicon", row, E)
+            log_epoch("unicon", row, E)
     return HeadPairResult(head_state=mean_head(heads), heads=[h.state() for h in heads], history=history,
                           state=state)
 
