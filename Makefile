@@ -28,7 +28,7 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -ra -m "not slow and not multirank"
 
 bench: $(VENV)/.installed
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash benchmarks/run_all.sh
+	PATH="$(abspath $(VENV))/bin:$$PATH" PY=$(abspath $(PY)) bash benchmarks/run_all.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

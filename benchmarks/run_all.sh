@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run every benchmark; each writes benchmarks/results/<name>.json (see benchmarks/RESULTS.md).
+# CPU machines run the CPU suite; with a GPU the GPU fine-tuning suite runs too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-python}"
+export TURNCTL_NO_PROGRESS=1
+gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; else export DS_ACCELERATOR=cpu; fi
+"$PY" benchmarks/bench_prepare.py
+"$PY" benchmarks/bench_reader.py
+"$PY" benchmarks/bench_select.py
+"$PY" benchmarks/bench_probe.py
+"$PY" benchmarks/bench_extract.py
+"$PY" benchmarks/bench_turn_vs_fft.py --repeats "${REPEATS:-1}"
+if [ "$gpu" = 1 ]; then
+  deepspeed --num_gpus 1 benchmarks/bench_gpu_finetune.py
+else
+  echo "no GPU: skipping benchmarks/bench_gpu_finetune.py (run it on a GPU machine)"
+fi
