@@ -278,7 +278,8 @@ class _Pieces:
     def subset(self, class_mask: torch.Tensor) -> Tuple["_Pieces", torch.Tensor]:
         """The rows of the classes in ``class_mask`` (and their row indices in this set)."""
         keep = torch.nonzero(class_mask.index_select(0, self.row_cls))[:, 0]
-        sub = _Pieces(self.X.index_select(0, keep), self.M.index_select(0, keep), self.row_cls.index_select(0, keep),
+        # The mask M is only needed by the initialisation, which runs on the full set.
+        sub = _Pieces(self.X.index_select(0, keep), None, self.row_cls.index_select(0, keep),
                       torch.where(class_mask, self.rows, 0), torch.where(class_mask, self.counts, 0), self._buf)
         return sub, keep
 
@@ -441,7 +442,8 @@ def _fit_pieces(pc: _Pieces, *, max_iter: int, tol: float, reg_covar: float):
             tpc, rows = work.subset(thin)
             r1 = torch.sigmoid(-d.index_select(0, rows))
             r1x = r1 * tpc.X
-            R1 = torch.where(thin, tpc.sum(r1 * tpc.M), R1)
+            # padding removed as for R0 (bounded: the class minimum has the padding's r1)
+            R1 = torch.where(thin, tpc.sum(r1) - tpc.npad * torch.sigmoid(-da), R1)
             R1x = torch.where(thin, tpc.sum(r1x), R1x)
             R1xx = torch.where(thin, tpc.sum(r1x * tpc.X), R1xx)
         new_mu, new_var, new_nk = _m_step(torch.stack([R0, R1], 1), torch.stack([R0x, R1x], 1),
