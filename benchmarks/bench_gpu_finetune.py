@@ -116,7 +116,7 @@ def run_one(name: str, family: str, cfg: dict, *, stage: int, micro: int, steps:
            "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30) if device == "cuda" else None,
            "params_m": sum(getattr(p, "ds_numel", p.numel()) for p in backbone.parameters()) / 1e6,
            "device": gpu_name, "timed_windows_s": times}
-    del tuner, eng, backbone
+    del tuner, backbone  # the step closure holds the engine until this function returns
     if device == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -3,7 +3,6 @@
 import json
 import sys
 
-import pytest
 
 from turnctl import __version__
 from turnctl.cli import run

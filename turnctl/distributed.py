@@ -137,13 +137,12 @@ def comm_device():
     return torch.device("cpu")
 
 
-def all_gather_variable(tensor) -> list:
-    """All-gather tensors whose first dimension differs between ranks (pad, gather, trim)."""
+def _padded(tensor):
+    """This rank's tensor on the comm device, padded along dim 0 to the longest rank's, and every
+    rank's true length (one all_gather of the lengths)."""
     import torch
     import torch.distributed as dist
 
-    if not is_initialized() or world_size() == 1:
-        return [tensor]
     dev = comm_device()
     t = tensor.to(dev).contiguous()
     n = torch.tensor([t.shape[0]], device=dev, dtype=torch.long)
@@ -154,9 +153,20 @@ def all_gather_variable(tensor) -> list:
     if t.shape[0] < longest:
         pad = torch.zeros((longest - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
         t = torch.cat([t, pad], 0)
+    return t, sizes_i
+
+
+def all_gather_variable(tensor) -> list:
+    """All-gather tensors whose first dimension differs between ranks (pad, gather, trim)."""
+    import torch
+    import torch.distributed as dist
+
+    if not is_initialized() or world_size() == 1:
+        return [tensor]
+    t, sizes = _padded(tensor)
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t)
-    return [p[:s] for p, s in zip(parts, sizes_i)]
+    return [p[:s] for p, s in zip(parts, sizes)]
 
 
 def gather_variable(tensor, dst: int = 0) -> Optional[list]:
@@ -170,21 +180,12 @@ def gather_variable(tensor, dst: int = 0) -> Optional[list]:
 
     if not is_initialized() or world_size() == 1:
         return [tensor]
-    dev = comm_device()
-    t = tensor.to(dev).contiguous()
-    n = torch.tensor([t.shape[0]], device=dev, dtype=torch.long)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
-    sizes_i = [int(s.item()) for s in sizes]
-    longest = max(sizes_i)
-    if t.shape[0] < longest:
-        pad = torch.zeros((longest - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
-        t = torch.cat([t, pad], 0)
+    t, sizes = _padded(tensor)
     parts = [torch.empty_like(t) for _ in range(world_size())] if rank() == dst else None
     dist.gather(t, gather_list=parts, dst=dst)
     if parts is None:
         return None
-    return [p[:s] for p, s in zip(parts, sizes_i)]
+    return [p[:s] for p, s in zip(parts, sizes)]
 
 
 def check_coverage(idx: np.ndarray, num_samples: int, what: str = "gather") -> None:

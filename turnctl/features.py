@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 
 from turnctl import __version__
@@ -113,7 +112,6 @@ def extract_features(
     device = run_device()
     was_training = backbone.training
     backbone.eval()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fwd = forward or backbone.features
 
     def _forward(x):
@@ -126,7 +124,6 @@ def extract_features(
         device=device, input_dtype=torch.float32, dst=0, what="features",
     )
     backbone.train(was_training)
-    del dtype
     if out is None:
         return None
     fs = FeatureSet(info.split, torch.from_numpy(out["features"]), torch.from_numpy(out["cls"]).long(),

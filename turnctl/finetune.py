@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from turnctl import distributed as dist
 from turnctl.errors import TurnctlError
 from turnctl.lockstep import per_sample_pass, run_device
-from turnctl.logger import log, track
+from turnctl.logger import track
 from turnctl.recipe import Recipe
 from turnctl.shards import SplitInfo, train_loader
 

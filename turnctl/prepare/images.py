@@ -118,5 +118,5 @@ def thumbnail(item: Union[np.ndarray, str], side: int = THUMB_SIDE) -> Optional[
             im = Image.open(item)
             im.draft("RGB", (side, side))
         return np.asarray(im.convert("RGB").resize((side, side), Image.Resampling.BILINEAR), dtype=np.uint8)
-    except Exception:
-        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # unreadable: the caller counts and lists it (PIL raises these for bad files)
