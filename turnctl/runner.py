@@ -278,7 +278,7 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
         if not c.redraw_each_epoch and c.seed is None:
             sub_seed = recipe.seed
         sub = balanced_subset(sel.keep, given, num_classes=train.num_classes, losses=out["loss"],
-                              fallback_k=c.fallback_k, min_per_class=c.min_per_class, seed=sub_seed)
+                              fallback_k=c.fallback_k, min_per_class=c.min_per_class, seed=sub_seed, valid=ok)
         for cls_id in sub.fallback_classes:
             name = train.class_names[cls_id] if cls_id < len(train.class_names) else cls_id
             log.warning("epoch %d: class %s kept fewer than %d samples; using its %d lowest-loss samples",
