@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from typing import Iterable, Iterator, Optional, TypeVar
 
 from rich.console import Console
@@ -61,6 +62,9 @@ def setup_logging(verbose: bool = False) -> logging.Logger:
     log.addHandler(handler)
     # Third-party chatter (DeepSpeed prints INFO on every rank) stays quiet unless asked for.
     if not verbose:
+        # torch deprecates the collective that DeepSpeed's all_gather_into_tensor wrapper calls; it
+        # is DeepSpeed's to change, and the warning repeats on every rank of every run.
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
         for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
             logging.getLogger(name).setLevel(logging.WARNING)
     return log
