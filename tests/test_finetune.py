@@ -89,3 +89,24 @@ def test_accuracy_report_per_class_and_confusions():
     assert rep["per_class_accuracy"] == [0.5, 1.0, 0.0]
     assert rep["undecodable"] == 1
     assert rep["most_confused"][0] == {"true": "c", "predicted": "b", "count": 2}
+
+
+def test_cosine_spans_the_methods_own_epochs(world_of_one, tmp_path):
+    # Regression: FFT baselines run finetune.baseline_epochs (5) but the schedule spanned
+    # finetune.epochs (4), so their last epoch trained at lr 0.
+    from shardgen import write_toy_shards
+
+    from turnctl.shards import ToTensorResize, open_split
+
+    write_toy_shards(tmp_path / "s", counts={"train": [24]}, num_classes=3, image_size=8, seed=0)
+    info = open_split(tmp_path / "s", "train")
+    r = load_recipe("tiny", ["finetune.batch_size=8", "finetune.micro_batch_size=8", "finetune.epochs=1",
+                             "finetune.schedule=cosine", "finetune.warmup_steps=0"])
+    dist.set_seed(0, per_rank=False)
+    tuner = FineTuner(load_backbone(r.model, num_classes=3), r)
+    tf = ToTensorResize(32)
+    first = tuner.train_epoch(info, epoch=0, total_epochs=2, keep_idx=None, transform=tf, num_workers=0, seed=0)
+    assert first["optimizer_steps"] == 3
+    assert first["lr"] == pytest.approx(r.finetune.lr * 0.5)  # half-way through a 2-epoch cosine
+    last = tuner.train_epoch(info, epoch=1, total_epochs=2, keep_idx=None, transform=tf, num_workers=0, seed=0)
+    assert last["lr"] == pytest.approx(0.0, abs=1e-12)

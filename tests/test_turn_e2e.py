@@ -61,10 +61,20 @@ def _check_run(run_dir, num_train):
     return lines
 
 
+@pytest.fixture(scope="module")
+def zero2_run(toy_shards, tmp_path_factory):
+    """One uninterrupted ZeRO-2 run, shared by the end-to-end and the resume tests."""
+    out = tmp_path_factory.mktemp("z2") / "run"
+    return out, last_json(_train(toy_shards, out, stage=2).stdout)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_turn_two_ranks_then_eval_reproduces_the_last_accuracy(toy_shards, tmp_path, stage):
-    out = tmp_path / f"run-z{stage}"
-    result = last_json(_train(toy_shards, out, stage=stage).stdout)
+def test_turn_two_ranks_then_eval_reproduces_the_last_accuracy(toy_shards, zero2_run, tmp_path, stage):
+    if stage == 2:
+        out, result = zero2_run
+    else:
+        out = tmp_path / f"run-z{stage}"
+        result = last_json(_train(toy_shards, out, stage=stage).stdout)
     lines = _check_run(out, 117)
     assert result["test_accuracy"]["last"] == pytest.approx(lines[-1]["test_accuracy"])
     ev = last_json(check(run(turnctl_cmd(["eval", "--checkpoint", str(out / "final"), "--json"]),
@@ -72,9 +82,8 @@ def test_turn_two_ranks_then_eval_reproduces_the_last_accuracy(toy_shards, tmp_p
     assert ev["accuracy"] == pytest.approx(lines[-1]["test_accuracy"], abs=1e-6)
 
 
-def test_resume_after_first_epoch_matches_uninterrupted(toy_shards, tmp_path):
-    full = tmp_path / "full"
-    _train(toy_shards, full)
+def test_resume_after_first_epoch_matches_uninterrupted(toy_shards, zero2_run, tmp_path):
+    full = zero2_run[0]
     part = tmp_path / "part"
     stopped = last_json(_train(toy_shards, part, "--stop-after", "0").stdout)
     assert stopped["stopped_after_epoch"] == 0

@@ -125,9 +125,13 @@ class FineTuner:
         opt_steps = max(1, (n_samples // per_micro) // self.accum)
         return opt_steps * self.accum
 
-    def train_epoch(self, info: SplitInfo, *, epoch: int, keep_idx: Optional[np.ndarray], transform,
-                    num_workers: int, seed: int, loss_fn=None) -> Dict[str, Any]:
-        """One epoch over ``keep_idx`` (all samples when None): identical step counts on every rank."""
+    def train_epoch(self, info: SplitInfo, *, epoch: int, total_epochs: int, keep_idx: Optional[np.ndarray],
+                    transform, num_workers: int, seed: int, loss_fn=None) -> Dict[str, Any]:
+        """One epoch over ``keep_idx`` (all samples when None): identical step counts on every rank.
+
+        ``total_epochs`` is the length of this method's fine-tuning (TURN: ``finetune.epochs``;
+        the FFT baselines: ``finetune.baseline_epochs``): the cosine schedule spans exactly it.
+        """
         ft, data = self.recipe.finetune, self.recipe.data
         n = info.num_samples if keep_idx is None else int(len(keep_idx))
         if n == 0:
@@ -141,7 +145,7 @@ class FineTuner:
             for m in self.module.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        total_epochs = max(1, ft.epochs)
+        total_epochs = max(1, total_epochs)
         t0 = time.time()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         seen = 0

@@ -145,7 +145,7 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         if method in TURN_METHODS:
             keep_idx, sel_stats = _cleanse(recipe, run, tuner, train, eval_tf, epoch)
             last_sel = sel_stats
-        stats = tuner.train_epoch(train, epoch=epoch, keep_idx=keep_idx, transform=train_tf,
+        stats = tuner.train_epoch(train, epoch=epoch, total_epochs=fft_epochs, keep_idx=keep_idx, transform=train_tf,
                                   num_workers=recipe.data.num_workers, seed=_seed_epoch(recipe, epoch),
                                   loss_fn=loss_fn)
         if elr is not None:
