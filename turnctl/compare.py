@@ -61,7 +61,7 @@ def compare_methods(recipe: Recipe, *, methods: Sequence[str], seeds: Sequence[i
     comparison = {"recipe": recipe.name, "shards": recipe.data.shards, "methods": list(methods),
                   "seeds": list(seeds), "table": table, "runs": runs}
     atomic_write_json(out / "compare.json", comparison)
-    turn_runs = [x for x in runs if x["method"] == "turn" and x["selection"]]
+    turn_runs = [x for x in runs if x["method"] in ("turn", "turn-nmtune") and x["selection"]]
     summary = {
         "test_accuracy": {m.replace("-", "_"): table[m]["last"]["mean"] for m in methods},
         "test_accuracy_best": {m.replace("-", "_"): table[m]["best"]["mean"] for m in methods},
