@@ -41,13 +41,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from turnctl import distributed as dist
 from turnctl.errors import DistributedError, TurnctlError
-from turnctl.losses import ELR_CLAMP, elr_regulariser, gce_loss, per_sample_ce
+from turnctl.losses import ELR_CLAMP, ELRTargets, elr_regulariser, gce_loss, per_sample_ce
 from turnctl.recipe import LossSection
 
 ELR_FILE = "elr_targets.pt"
@@ -100,8 +100,12 @@ def _all_gather_rows(t: torch.Tensor) -> List[torch.Tensor]:
     return [part.cpu() for part in dist.all_gather_variable(t)]
 
 
-class SyncedELR:
+class SyncedELR(ELRTargets):
     """ELR targets for every sample on every rank, kept identical across ranks (module docstring).
+
+    The table, its validation and its state dict are :class:`turnctl.losses.ELRTargets`'s (kept on
+    the CPU here); what differs is the update, which applies every rank's batch, and the call
+    signature, which is FineTuner's ``loss_fn(logits, y, batch)``.
 
     Use as FineTuner's ``loss_fn``: ``elr(logits, y, batch)`` returns per-sample
     ``CE_i + lam * log(1 - <t_i, p_i>)`` and updates the table with every rank's batch. ``gather``
@@ -111,13 +115,7 @@ class SyncedELR:
 
     def __init__(self, num_samples: int, num_classes: int, *, beta: float, lam: float,
                  gather: Optional[Gather] = None):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
-        self.num_samples, self.num_classes = int(num_samples), int(num_classes)
-        self.beta, self.lam = float(beta), float(lam)
-        self.targets = torch.zeros(self.num_samples, self.num_classes, dtype=torch.float32)
+        super().__init__(num_samples, num_classes, beta=beta, lam=lam, device=torch.device("cpu"))
         self.gather = gather or _all_gather_rows
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -146,10 +144,6 @@ class SyncedELR:
         if len(set(digests)) > 1:
             raise DistributedError("ELR targets differ between ranks (" + ", ".join(
                 f"rank {r}: {d}" for r, d in enumerate(digests)) + "); the per-step exchange lost an update")
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"targets": self.targets.clone(), "beta": self.beta, "lam": self.lam,
-                "num_samples": self.num_samples, "num_classes": self.num_classes}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         t = state["targets"]
