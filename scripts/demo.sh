@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC="${NPROC:-2}"
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L | wc -l)
+  [ "$NPROC" -le "$gpus" ] || NPROC=$gpus   # one rank per GPU
+else
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 export HF_HUB_OFFLINE=1
