@@ -96,3 +96,25 @@ def test_coverage_check_names_the_problem(idx, match):
     with pytest.raises(DistributedError, match=match):
         check_coverage(np.array(idx), 4, "test")
     check_coverage(np.array([3, 1, 0, 2]), 4, "test")
+
+
+def test_run_on_main_single_process():
+    from turnctl.distributed import run_on_main
+
+    assert run_on_main(lambda: {"a": 1}, what="x") == {"a": 1}
+    with pytest.raises(ZeroDivisionError):
+        run_on_main(lambda: 1 / 0, what="x")
+
+
+@pytest.mark.multirank
+def test_a_failure_on_rank0_stops_every_rank_at_once():
+    import sys
+
+    from launch import REPO, free_port
+
+    script = REPO / "tests" / "scripts" / "fail_on_main.py"
+    res = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(script)], timeout=90)  # the process-group timeout is 10 min
+    assert "rank 0: own error: the probe exploded" in res.stdout
+    assert "rank 1: rank 0 failed during the test step: ValueError: the probe exploded" in res.stdout
+    assert res.stdout.count("value [1, 2, 3]") == 2  # the group is still usable afterwards

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import socket
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -125,6 +125,31 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def run_on_main(fn: Callable[[], Any], *, what: str) -> Any:
+    """Run ``fn`` on rank 0 alone and hand its result to every rank; if it raises, every rank raises.
+
+    Rank-0-only work (the linear probe, the GMM) is followed by a broadcast anyway; without this, a
+    failure on rank 0 would leave the other ranks waiting in that broadcast until the process-group
+    timeout instead of stopping with rank 0's message. Collective.
+
+    >>> run_on_main(lambda: 41 + 1, what="the answer")
+    42
+    """
+    payload, error = None, None
+    if rank() == 0:
+        try:
+            payload = ("ok", fn())
+        except Exception as exc:  # re-raised below, on rank 0 as itself and elsewhere as a copy
+            error = exc
+            payload = ("error", type(exc).__name__, str(exc))
+    payload = broadcast_object(payload)
+    if error is not None:
+        raise error
+    if payload[0] == "error":
+        raise DistributedError(f"rank 0 failed during {what}: {payload[1]}: {payload[2]}")
+    return payload[1]
 
 
 def comm_device():

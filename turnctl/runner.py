@@ -206,13 +206,13 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
             batch_size=recipe.features.batch_size, num_workers=recipe.data.num_workers,
             cache_dir=Path(cache_dir) if recipe.features.cache else None, forward=forward)
     cache_state = {role: ("hit" if fs is not None and fs.from_cache else "miss") for role, fs in feats.items()}
-    head_state = None
-    history, summary = [], {}
-    if dist.rank() == 0:
+
+    def train_head():  # rank 0 only
         probe_cfg = recipe.probe.model_copy(update={"loss": loss})
         tr = feats["train"]
         use = tr.ok
         eval_sets = {role: (fs.features[fs.ok], fs.labels[fs.ok]) for role, fs in feats.items() if role != "train"}
+        summary: Dict[str, Any] = {}
         if step1 in FEATURE_METHODS:
             from turnctl.methods import train_on_features
 
@@ -225,10 +225,11 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
                                      probe=probe_cfg, losses=recipe.losses, seed=recipe.seed,
                                      idx=torch.nonzero(use).squeeze(1), eval_sets=eval_sets)
             head_state, history = res.head_state, res.history
-        head_state = {k: v.detach().cpu().float() for k, v in head_state.items()}
         for line in history:
             run.log_metrics({"phase": "lp", **line})
-    head_state, summary = dist.broadcast_object((head_state, summary))
+        return {k: v.detach().cpu().float() for k, v in head_state.items()}, summary, history
+
+    head_state, summary, history = dist.run_on_main(train_head, what=f"step 1 ({step1})")
     if tuner is not None:
         tuner.set_head(head_state)
     else:
@@ -268,8 +269,14 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
 
     out = tuner.per_sample_losses(train, transform=eval_tf, batch_size=recipe.finetune.eval_batch_size,
                                   num_workers=recipe.data.num_workers)
-    payload = None
-    if dist.rank() == 0:
+    # Every rank holds the gathered losses, so every rank sees a NaN and stops with the same message.
+    bad = ~np.isfinite(out["loss"]) & out["ok"].astype(bool)
+    if bad.any():
+        raise TurnctlError(f"epoch {epoch}: non-finite loss in the per-sample loss pass for idx "
+                           f"{out['idx'][bad][:5].tolist()} ({int(bad.sum())} in all); the model diverged: "
+                           "lower finetune.lr or check those samples")
+
+    def select():  # rank 0 only
         c = recipe.cleanse
         given, clean, ok = out["cls"].astype(np.int64), out["clean"].astype(np.int64), out["ok"].astype(bool)
         sel = select_clean(out["loss"], given, num_classes=train.num_classes, tau=c.tau, max_iter=c.gmm_max_iter,
@@ -296,9 +303,9 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
             stats.update({"kept_precision": q_keep["purity"], "kept_recall": q_keep["recall"],
                           "selected_purity": q_sel["purity"], "selected_recall": q_sel["recall"],
                           "train_noise_rate": q_keep["noise_rate"]})
-        payload = {"indices": sub.indices.astype(np.int64), "stats": stats}
-    payload = dist.broadcast_object(payload)
-    return payload["indices"], payload["stats"]
+        return sub.indices.astype(np.int64), stats
+
+    return dist.run_on_main(select, what=f"the selection of epoch {epoch}")
 
 
 def _evaluate_splits(tuner, splits, eval_tf, recipe: Recipe, num_classes: int) -> Dict[str, Any]:

@@ -1,0 +1,26 @@
+"""Rank 0 fails inside run_on_main; every rank must stop with an error, none may wait for the timeout."""
+import sys
+
+from turnctl import distributed as dist
+from turnctl.errors import DistributedError
+
+dist.init_distributed(timeout_minutes=10)
+
+
+def boom():
+    raise ValueError("the probe exploded")
+
+
+try:
+    dist.run_on_main(boom, what="the test step")
+except ValueError as exc:
+    print(f"rank {dist.rank()}: own error: {exc}", flush=True)
+    code = 3
+except DistributedError as exc:
+    print(f"rank {dist.rank()}: {exc}", flush=True)
+    code = 4
+else:
+    code = 0
+print(f"rank {dist.rank()}: value", dist.run_on_main(lambda: [1, 2, 3], what="a good step"), flush=True)
+dist.destroy()
+sys.exit(code)
