@@ -382,6 +382,20 @@ def _read_processor_config(source: str, revision, local_files_only) -> Optional[
         return None
 
 
+def _derive_preprocess(family: str, native: int, source: Optional[str], mc: ModelSection,
+                       local_files_only: Optional[bool]) -> Preprocess:
+    """Family defaults at the native size, then the checkpoint's image-processor config when there is
+    one, then the recipe's ``model.image_size``: the order in which each may override the last."""
+    pp = family_default_preprocess(family, native)
+    if source:
+        pcfg = _read_processor_config(source, mc.revision, local_files_only)
+        if pcfg:
+            pp = preprocess_from_hf(pcfg, pp)
+    if mc.image_size:
+        pp = pp.with_image_size(mc.image_size)
+    return pp
+
+
 def _maybe_hf_ds_config(ds_config: Optional[Mapping[str, Any]]):
     """``HfDeepSpeedConfig`` for ZeRO-3, built before any ``from_pretrained`` (and kept alive)."""
     if not ds_config or int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
@@ -754,13 +768,7 @@ def _build_hf(mc: ModelSection, *, num_classes: int, class_names, local_files_on
         # DINOv2 configs carry the 518 px position grid, but the model is used (and its processor
         # crops) at 224; the others' config image_size is their training resolution.
         native = 224 if family == "dinov2" else int(getattr(vcfg, "image_size", 224) or 224)
-        pp = family_default_preprocess(family, native)
-        if source:
-            pcfg = _read_processor_config(source, mc.revision, local_files_only)
-            if pcfg:
-                pp = preprocess_from_hf(pcfg, pp)
-        if mc.image_size:
-            pp = pp.with_image_size(mc.image_size)
+        pp = _derive_preprocess(family, native, source, mc, local_files_only)
     _check_input(family, vcfg, pp, source or "model.config", spec.patch)
 
     cls = getattr(transformers, spec.cls_name)
@@ -815,13 +823,7 @@ def _build_auto(mc: ModelSection, *, num_classes, class_names, local_files_only,
     if pp is None:
         native = getattr(vcfg, "image_size", None)
         native = int(native) if isinstance(native, int) else 224
-        pp = family_default_preprocess("auto", native)
-        if source:
-            pcfg = _read_processor_config(source, mc.revision, local_files_only)
-            if pcfg:
-                pp = preprocess_from_hf(pcfg, pp)
-        if mc.image_size:
-            pp = pp.with_image_size(mc.image_size)
+        pp = _derive_preprocess("auto", native, source, mc, local_files_only)
     patch = getattr(vcfg, "patch_size", None)
     _check_input("auto", vcfg, pp, source or "model.config", isinstance(patch, int) and patch > 1)
     return AutoBackbone(classifier=nn.Linear(dim, num_classes), family="auto", model=model, preprocess=pp,

@@ -226,11 +226,11 @@ def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> S
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    # The writer's own hash, imported here only: verify=True is rare, and turnctl.prepare pulls in
+    # the whole prepare pipeline, which reader workers should not pay for.
+    from turnctl.prepare.writer import sha256_file
+
+    return sha256_file(path)
 
 
 # ----------------------------------------------------------------------------------------------
