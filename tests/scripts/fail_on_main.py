@@ -14,13 +14,16 @@ def boom():
 try:
     dist.run_on_main(boom, what="the test step")
 except ValueError as exc:
-    print(f"rank {dist.rank()}: own error: {exc}", flush=True)
+    sys.stdout.write(f"rank {dist.rank()}: own error: {exc}\n"); sys.stdout.flush()
     code = 3
 except DistributedError as exc:
-    print(f"rank {dist.rank()}: {exc}", flush=True)
+    sys.stdout.write(f"rank {dist.rank()}: {exc}\n"); sys.stdout.flush()
     code = 4
 else:
     code = 0
-print(f"rank {dist.rank()}: value", dist.run_on_main(lambda: [1, 2, 3], what="a good step"), flush=True)
+value = dist.run_on_main(lambda: [1, 2, 3], what="a good step")
+# One write per line: both ranks share stdout, and print()'s separate writes interleave.
+sys.stdout.write(f"rank {dist.rank()}: value {value}\n")
+sys.stdout.flush()
 dist.destroy()
 sys.exit(code)
