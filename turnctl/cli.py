@@ -16,7 +16,7 @@ from typing import List, Optional
 import click
 
 from turnctl import __version__
-from turnctl.distributed import destroy, env_rank
+from turnctl.distributed import describe_collective_failure, destroy, env_rank
 from turnctl.errors import TurnctlError
 from turnctl.logger import setup_logging
 
@@ -87,9 +87,15 @@ def run(argv: Optional[List[str]] = None) -> int:
     except TurnctlError as exc:
         if debug:
             traceback.print_exc()
-        _say_error("error: ", str(exc))
+        _say_error(exc.label, str(exc))
         return exc.exit_code
     except Exception as exc:  # a bug: one line, traceback on request
+        peer = describe_collective_failure(exc)
+        if peer is not None:  # not a bug here: say what happened to the other rank
+            if debug:
+                traceback.print_exc()
+            _say_error("error: ", peer)
+            return 1
         if debug:
             traceback.print_exc()
             _say_error("internal error: ", f"{type(exc).__name__}: {exc}")

@@ -117,6 +117,44 @@ def all_gather_object(obj: Any) -> List[Any]:
     return out
 
 
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted", "ProcessGroupNCCL is aborted")
+
+
+def describe_collective_failure(exc: BaseException) -> Optional[str]:
+    """One line for a collective that failed because another rank died or hung; None otherwise.
+
+    gloo and NCCL report these as RuntimeError (or DistBackendError) with a source path and a
+    multi-line hint; users need to know which of the two happened and where to look.
+
+    >>> describe_collective_failure(RuntimeError("[x/pair.cc:553] Connection closed by peer [127.0.0.1]:1"))
+    'another rank died (Connection closed by peer [127.0.0.1]:1); its own log has the cause'
+    """
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    detail = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+    detail = detail.split(". This is typically")[0].strip()
+    if any(p in text for p in _PEER_LOST):
+        return f"another rank died ({detail}); its own log has the cause"
+    if "Timed out" in text or "timed out" in text or "Watchdog caught collective operation timeout" in text:
+        return (f"a collective timed out ({detail}): another rank hung or is far behind; the limit is "
+                "deepspeed.timeout_minutes in the recipe")
+    return None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (collective)."""
+    if not is_initialized() or world_size() == 1:
+        return bool(flag)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(bool(flag))], device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_initialized() or world_size() == 1:
         return obj

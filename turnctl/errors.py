@@ -12,6 +12,7 @@ class TurnctlError(Exception):
     """An error with a one-line, actionable message for the user."""
 
     exit_code = 2
+    label = "error: "  # how the CLI prefixes the message
 
 
 class RecipeError(TurnctlError):

@@ -12,6 +12,7 @@ epoch), which also makes a resumed run bit-compatible with an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -126,11 +127,19 @@ class FineTuner:
         return opt_steps * self.accum
 
     def train_epoch(self, info: SplitInfo, *, epoch: int, total_epochs: int, keep_idx: Optional[np.ndarray],
-                    transform, num_workers: int, seed: int, loss_fn=None) -> Dict[str, Any]:
+                    transform, num_workers: int, seed: int, loss_fn=None, stop=None, start_step: int = 0,
+                    partial: Optional[Sequence[float]] = None) -> Dict[str, Any]:
         """One epoch over ``keep_idx`` (all samples when None): identical step counts on every rank.
 
         ``total_epochs`` is the length of this method's fine-tuning (TURN: ``finetune.epochs``;
         the FFT baselines: ``finetune.baseline_epochs``): the cosine schedule spans exactly it.
+
+        ``stop`` (a :class:`turnctl.preempt.StopRequest`): once any rank has it set, every rank
+        stops at the same optimizer-step boundary and the result says ``interrupted_at_step`` (the
+        micro-steps done) and ``partial`` (the epoch's sums so far, over all ranks). A resumed epoch
+        passes them back as ``start_step`` and ``partial``: the first ``start_step`` batches are read
+        and skipped (the loader's order and augmentation are replayed, not re-drawn), so the epoch
+        ends as an uninterrupted one would.
         """
         ft, data = self.recipe.finetune, self.recipe.data
         n = info.num_samples if keep_idx is None else int(len(keep_idx))
@@ -146,18 +155,33 @@ class FineTuner:
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
         total_epochs = max(1, total_epochs)
+        if not 0 <= start_step < steps or start_step % self.accum:
+            raise TurnctlError(f"epoch {epoch}: cannot resume at micro-step {start_step} of {steps} "
+                               f"(gradient accumulation {self.accum}); the checkpoint does not fit this run")
         t0 = time.time()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        seen = 0
-        for step, batch in enumerate(track(loader, f"fine-tune epoch {epoch}", total=steps)):
+        # On resume, rank 0 carries the sums of the steps done before the interruption (already
+        # summed over ranks), so the all-reduce below gives the whole epoch's figures.
+        carried = [float(v) for v in partial] if partial is not None and dist.rank() == 0 else [0.0] * 3
+        loss_sum = torch.tensor(carried[0], dtype=torch.float64, device=self.device)
+        seen = int(carried[2])
+        interrupted = None
+        base_seed = (seed * 1_000_003 + dist.rank() * 7_919) % (2**63)
+        batches = track(loader, f"fine-tune epoch {epoch}", total=steps)
+        for step, batch in enumerate(batches):
+            # Any randomness of the model (dropout, drop-path) is a function of (seed, rank, step),
+            # not of how many steps this process happened to run: a resumed epoch draws the same.
+            torch.manual_seed(base_seed + step)
+            if step < start_step:
+                continue
             x = batch["image"].to(self.device, dtype=self.input_dtype, non_blocking=True)
             y = batch["cls"].to(self.device, non_blocking=True)
             logits = self.engine(x).float()
             per_sample = F.cross_entropy(logits, y, reduction="none") if loss_fn is None else loss_fn(logits, y, batch)
-            self._stop_on_nonfinite(per_sample, batch, epoch, step)
+            stop_now = self._check_step(per_sample, batch, epoch, step, stop)
             loss = per_sample.mean()
             self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary():
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            if boundary:
                 lr = lr_at(base_lr=ft.lr, schedule=ft.schedule, warmup_steps=ft.warmup_steps,
                            global_step=self.global_step, progress=(epoch + (step + 1) / steps) / total_epochs)
                 for group in self.optimizer.param_groups:
@@ -166,47 +190,84 @@ class FineTuner:
             self.engine.step()
             loss_sum += loss.detach().double()
             seen += int(y.shape[0])
+            # The flag is all-reduced, so every rank takes this branch at the same step.
+            if stop_now and boundary and step + 1 < steps:
+                interrupted = step + 1
+                batches.close()  # stops the loader's workers and records its stats so far
+                break
         wall = time.time() - t0
-        stats = torch.tensor([loss_sum.item(), float(steps), float(seen)], dtype=torch.float64)
+        loader_stats = loader.stats()
+        done = steps if interrupted is None else interrupted
+        # Summed over ranks: the metrics line reports the epoch's corrupt samples, not rank 0's share.
+        stats = torch.tensor([loss_sum.item(), float(done), float(seen),
+                              float(loader_stats.get("corrupt", 0)), float(loader_stats.get("errors", 0))],
+                             dtype=torch.float64)
         if dist.is_initialized() and self.world > 1:
             import torch.distributed as tdist
 
             stats = stats.to(dist.comm_device())
             tdist.all_reduce(stats)
             stats = stats.cpu()
-        loader_stats = loader.stats()
-        return {"train_loss": float(stats[0] / max(stats[1], 1)), "steps": steps,
-                "optimizer_steps": steps // self.accum, "samples": int(stats[2]),
-                "samples_per_s": float(stats[2]) / max(wall, 1e-9), "wall_s": wall,
-                "corrupt_skipped": int(loader_stats.get("corrupt", 0)),
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        out = {"train_loss": float(stats[0] / max(stats[1], 1)), "steps": steps,
+               "optimizer_steps": steps // self.accum, "samples": int(stats[2]),
+               "samples_per_s": float(stats[2]) / max(wall, 1e-9), "wall_s": wall,
+               "corrupt_skipped": int(stats[3]), "stream_errors": int(stats[4]),
+               "lr": self.optimizer.param_groups[0]["lr"]}
+        if start_step:
+            out["resumed_at_step"] = start_step
+        if interrupted is not None:
+            # loss sum, (micro-steps x ranks), samples: what a resumed epoch starts from.
+            out.update(interrupted_at_step=interrupted, partial=[float(stats[0]), float(stats[1]), float(stats[2])])
+        return out
 
-    def _stop_on_nonfinite(self, per_sample: torch.Tensor, batch, epoch: int, step: int) -> None:
-        """All ranks stop together on a NaN/inf loss, naming the step and the sample idx."""
+    def _check_step(self, per_sample: torch.Tensor, batch, epoch: int, step: int, stop) -> bool:
+        """One all-reduce (MAX) per micro-step of two flags: a NaN/inf loss on any rank stops every
+        rank with an error naming the step and the sample idx; a stop request (a signal) on any
+        rank is returned, so that every rank stops at the same step."""
         bad = ~torch.isfinite(per_sample.detach())
-        flag = bad.any().to(torch.float32).reshape(1)
+        flags = torch.stack([bad.any().to(torch.float32),
+                             torch.tensor(float(stop is not None and stop.requested), device=bad.device)])
         if dist.is_initialized() and self.world > 1:
             import torch.distributed as tdist
 
-            flag = flag.to(dist.comm_device())
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        if float(flag.item()) > 0:
+            flags = flags.to(dist.comm_device())
+            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        flags = flags.cpu()
+        if float(flags[0]) > 0:
             local = batch["idx"][bad.cpu()].tolist()
             where = f"idx {local[:5]}" if local else "on another rank"
             raise TurnctlError(f"non-finite loss at fine-tune epoch {epoch}, step {step} ({where}); "
                                "lower finetune.lr or check those samples")
+        return float(flags[1]) > 0
 
     # ---- checkpoints and export -------------------------------------------------------------
-    def save_checkpoint(self, root: Path, *, epoch: int, client_state: Dict[str, Any], keep: int) -> str:
-        """DeepSpeed checkpoint of every rank's shard; the oldest beyond ``keep`` are removed."""
-        tag = f"epoch_{epoch:04d}"
+    def save_checkpoint(self, root: Path, *, tag: str, client_state: Dict[str, Any], keep: int) -> str:
+        """DeepSpeed checkpoint of every rank's shard under ``root/tag``; the oldest beyond ``keep``
+        complete ones are removed. Collective.
+
+        DeepSpeed writes ``latest`` from rank 0 as soon as rank 0's own files are written, without
+        waiting for the other ranks' ZeRO shards, and not atomically: a rank killed mid-save would
+        leave ``latest`` naming a checkpoint that cannot be loaded. So DeepSpeed's ``latest`` is off;
+        after a barrier (every shard on disk) rank 0 writes ``COMPLETE`` into the tag, then
+        ``latest``, each to a temporary name first. ``--resume`` only ever sees complete checkpoints.
+        """
+        from turnctl.rundir import atomic_write_json, atomic_write_text
+
         client = dict(client_state, global_step=self.global_step)
-        self.engine.save_checkpoint(str(root), tag=tag, client_state=client)
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
         dist.barrier()
         if dist.rank() == 0:
-            tags = sorted(p.name for p in Path(root).glob("epoch_*") if p.is_dir())
-            for old in tags[:-keep]:
+            atomic_write_json(Path(root) / tag / COMPLETE, {
+                "tag": tag, "global_step": self.global_step, "world_size": self.world,
+                "zero_stage": int(self.ds_config["zero_optimization"]["stage"]), "time": time.time()})
+            atomic_write_text(Path(root) / "latest", tag)
+            complete = sorted(checkpoint_tags(root), key=lambda t: t[1])
+            for old, _ in complete[:-keep]:
                 shutil.rmtree(Path(root) / old, ignore_errors=True)
+            # Half-written tags of a killed run (no COMPLETE) would never be loaded: reclaim the space.
+            for d in Path(root).iterdir():
+                if d.is_dir() and not (d / COMPLETE).is_file():
+                    shutil.rmtree(d, ignore_errors=True)
         dist.barrier()
         return tag
 
@@ -214,6 +275,11 @@ class FineTuner:
         """Restore engine, optimizer and schedule state from the latest checkpoint under ``root``."""
         if not (Path(root) / "latest").is_file():
             return None
+        from turnctl.safeload import guard_deepspeed_engine
+
+        # DeepSpeed reads its files with torch.load(weights_only=False): a planted pickle would run
+        # code here. Guarded, every file is read with weights_only=True; a refusal is a TurnctlError.
+        guard_deepspeed_engine(self.engine)
         path, client = self.engine.load_checkpoint(str(root), load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
         if path is None:
@@ -247,6 +313,39 @@ class FineTuner:
         if dist.rank() == 0:
             self.backbone.save_pretrained(Path(out_dir), state_dict=state, class_names=list(class_names) or None)
         dist.barrier()
+
+
+COMPLETE = "COMPLETE"  # written into a checkpoint tag once every rank's files are on disk
+
+
+def checkpoint_tags(root: Path) -> list:
+    """``(tag, global_step)`` of the complete checkpoints under ``root``."""
+    out = []
+    for marker in Path(root).glob(f"*/{COMPLETE}"):
+        try:
+            out.append((marker.parent.name, int(json.loads(marker.read_text())["global_step"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def check_resumable(root: Path, *, world_size: int) -> Optional[str]:
+    """The tag ``root/latest`` names, checked to be complete and written by ``world_size`` ranks.
+
+    None when there is no checkpoint yet (the run stopped before its first one)."""
+    latest = Path(root) / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    marker = Path(root) / tag / COMPLETE
+    if not marker.is_file():
+        raise TurnctlError(f"{Path(root) / tag}: checkpoint is incomplete (no {COMPLETE} marker); it was not "
+                           "written by this version of turnctl or its run was killed while saving")
+    info = json.loads(marker.read_text())
+    if int(info.get("world_size", world_size)) != world_size:
+        raise TurnctlError(f"{Path(root) / tag}: written by {info['world_size']} ranks, resumed with {world_size}; "
+                           f"ZeRO shards the optimizer state by rank: resume with {info['world_size']} ranks")
+    return tag
 
 
 def accuracy_report(pred: np.ndarray, labels: np.ndarray, ok: np.ndarray, *, num_classes: int,

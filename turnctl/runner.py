@@ -27,6 +27,7 @@ from turnctl import distributed as dist
 from turnctl.errors import DataError, TurnctlError
 from turnctl.logger import log
 from turnctl.methods import FEATURE_METHODS  # lp-dividemix, lp-unicon, nmtune: on cached features, rank 0
+from turnctl.preempt import Preempted, StopRequest
 from turnctl.recipe import Recipe
 from turnctl.rundir import RunDir, atomic_savez
 from turnctl.shards import SplitInfo, open_split
@@ -117,15 +118,24 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         loss_fn, elr = fft_loss_hook(FFT_METHODS.get(method, recipe.finetune.loss), losses=recipe.losses,
                                      num_samples=train.num_samples, num_classes=num_classes)
     start_epoch, best = 0, {"score": -1.0, "epoch": None, "test_accuracy": None}
+    midway: Dict[str, Any] = {}  # a checkpoint written inside an epoch (on a signal): where to go on
     if resume and tuner is not None:
-        client = tuner.load_checkpoint(run.checkpoints)
+        from turnctl.finetune import check_resumable
+
+        tag = dist.broadcast_object(check_resumable(run.checkpoints, world_size=dist.world_size())
+                                    if dist.rank() == 0 else None)
+        client = tuner.load_checkpoint(run.checkpoints) if tag is not None else None
         if client is not None:
             start_epoch = int(client["epoch"])
             best = client.get("best", best)
             run.reset_history(client.get("history", []))
+            if client.get("step"):
+                midway = {"step": int(client["step"]), "partial": client["partial"],
+                          "selection": client.get("selection") or {}}
             if elr is not None:  # the targets as they were when that checkpoint was written
-                elr.load(run.checkpoints / (run.checkpoints / "latest").read_text().strip())
-            log.info("resumed from %s at epoch %d", run.checkpoints, start_epoch)
+                elr.load(run.checkpoints / tag)
+            log.info("resumed from %s (%s) at epoch %d%s", run.checkpoints, tag, start_epoch,
+                     f", step {midway['step']}" if midway else "")
     result: Dict[str, Any] = {"run_dir": str(run.path), "method": method, "feature_cache": {}}
 
     if needs_lp and start_epoch == 0:
@@ -139,40 +149,52 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
             return _finish_lp(recipe, run, backbone, probe_out, result, t_start)
 
     last_sel: Dict[str, Any] = {}
-    for epoch in range(start_epoch, fft_epochs):
-        dist.set_seed(_seed_epoch(recipe, epoch))
-        keep_idx, sel_stats = None, {}
-        if method in TURN_METHODS:
-            keep_idx, sel_stats = _cleanse(recipe, run, tuner, train, eval_tf, epoch)
-            last_sel = sel_stats
-        stats = tuner.train_epoch(train, epoch=epoch, total_epochs=fft_epochs, keep_idx=keep_idx, transform=train_tf,
-                                  num_workers=recipe.data.num_workers, seed=_seed_epoch(recipe, epoch),
-                                  loss_fn=loss_fn)
-        if elr is not None:
-            elr.check_consistent()
-        evals = _evaluate_splits(tuner, splits, eval_tf, recipe, num_classes)
-        line = {"phase": "fft", "epoch": epoch, **stats, **sel_stats, **evals}
-        run.log_metrics(line)
-        score = evals.get("val_accuracy", evals.get("test_accuracy", -1.0))
-        improved = dist.broadcast_object(score is not None and score > best["score"])
-        if improved:
-            best = {"score": score, "epoch": epoch, "test_accuracy": evals.get("test_accuracy"),
-                    "val_accuracy": evals.get("val_accuracy")}
-            tuner.export(run.best, class_names=train.class_names)
-        if elr is not None:  # before the engine's checkpoint: a `latest` tag always has its targets
-            elr.save(run.checkpoints / f"epoch_{epoch:04d}")
-        tuner.save_checkpoint(run.checkpoints, epoch=epoch, keep=recipe.output.keep_checkpoints,
-                              client_state={"epoch": epoch + 1, "best": best, "history": run.history,
-                                            "recipe_digest": recipe.digest()})
-        if dist.rank() == 0:
-            log.info("epoch %d: loss %.4f, %s%s", epoch, stats["train_loss"],
-                     " ".join(f"{k} {v:.4f}" for k, v in evals.items() if isinstance(v, float)),
-                     f", kept {sel_stats.get('kept')} -> {sel_stats.get('selected')}" if sel_stats else "")
-        if stop_after is not None and epoch >= stop_after and epoch + 1 < fft_epochs:
-            log.info("stopping after epoch %d as asked (--stop-after); continue with --resume --out %s",
-                     epoch, run.path)
-            result.update({"stopped_after_epoch": epoch, "wall_time_s": time.time() - t_start})
-            return result
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, fft_epochs):
+            dist.set_seed(_seed_epoch(recipe, epoch))
+            keep_idx, sel_stats = None, {}
+            resume_here = midway if epoch == start_epoch else {}
+            if method in TURN_METHODS:
+                if resume_here:  # this epoch's subset was drawn before the interruption: reuse it
+                    keep_idx, sel_stats = _saved_selection(run, epoch), resume_here["selection"]
+                else:
+                    keep_idx, sel_stats = _cleanse(recipe, run, tuner, train, eval_tf, epoch)
+                last_sel = sel_stats
+            stats = tuner.train_epoch(train, epoch=epoch, total_epochs=fft_epochs, keep_idx=keep_idx,
+                                      transform=train_tf, num_workers=recipe.data.num_workers,
+                                      seed=_seed_epoch(recipe, epoch), loss_fn=loss_fn, stop=stop,
+                                      start_step=resume_here.get("step", 0), partial=resume_here.get("partial"))
+            if elr is not None:
+                elr.check_consistent()
+            if "interrupted_at_step" in stats:
+                _save_midway(recipe, run, tuner, elr, epoch, stats, sel_stats, best)
+            evals = _evaluate_splits(tuner, splits, eval_tf, recipe, num_classes)
+            line = {"phase": "fft", "epoch": epoch, **stats, **sel_stats, **evals}
+            run.log_metrics(line)
+            score = evals.get("val_accuracy", evals.get("test_accuracy", -1.0))
+            improved = dist.broadcast_object(score is not None and score > best["score"])
+            if improved:
+                best = {"score": score, "epoch": epoch, "test_accuracy": evals.get("test_accuracy"),
+                        "val_accuracy": evals.get("val_accuracy")}
+                tuner.export(run.best, class_names=train.class_names)
+            tag = f"epoch_{epoch:04d}"
+            if elr is not None:  # before the engine's checkpoint: a `latest` tag always has its targets
+                elr.save(run.checkpoints / tag)
+            tuner.save_checkpoint(run.checkpoints, tag=tag, keep=recipe.output.keep_checkpoints,
+                                  client_state={"epoch": epoch + 1, "best": best, "history": run.history,
+                                                "recipe_digest": recipe.digest()})
+            if dist.rank() == 0:
+                log.info("epoch %d: loss %.4f, %s%s", epoch, stats["train_loss"],
+                         " ".join(f"{k} {v:.4f}" for k, v in evals.items() if isinstance(v, float)),
+                         f", kept {sel_stats.get('kept')} -> {sel_stats.get('selected')}" if sel_stats else "")
+            if epoch + 1 < fft_epochs and dist.any_rank(stop.requested):  # a signal between steps
+                raise Preempted(f"stopped by a signal after fine-tuning epoch {epoch}, checkpoint {tag} written; "
+                                f"continue with --resume --out {run.path}")
+            if stop_after is not None and epoch >= stop_after and epoch + 1 < fft_epochs:
+                log.info("stopping after epoch %d as asked (--stop-after); continue with --resume --out %s",
+                         epoch, run.path)
+                result.update({"stopped_after_epoch": epoch, "wall_time_s": time.time() - t_start})
+                return result
     if tuner is not None and recipe.output.export_final:
         tuner.export(run.final, class_names=train.class_names)
     last = run.history[-1] if run.history else {}
@@ -184,6 +206,33 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     })
     run.write_summary(result)
     return result
+
+
+def _save_midway(recipe: Recipe, run: RunDir, tuner, elr, epoch: int, stats, sel_stats, best) -> None:
+    """A signal stopped ``epoch`` at an optimizer-step boundary: checkpoint there and exit."""
+    step = int(stats["interrupted_at_step"])
+    tag = f"epoch_{epoch:04d}_step_{step:06d}"
+    if elr is not None:
+        elr.save(run.checkpoints / tag)
+    tuner.save_checkpoint(run.checkpoints, tag=tag, keep=recipe.output.keep_checkpoints,
+                          client_state={"epoch": epoch, "step": step, "partial": stats["partial"],
+                                        "selection": sel_stats, "best": best, "history": run.history,
+                                        "recipe_digest": recipe.digest()})
+    raise Preempted(f"stopped by a signal at fine-tuning epoch {epoch}, micro-step {step} of {stats['steps']}; "
+                    f"checkpoint {tag} written; continue with --resume --out {run.path}")
+
+
+def _saved_selection(run: RunDir, epoch: int) -> np.ndarray:
+    """The clean subset drawn for ``epoch`` before an interruption (rank 0 reads, all receive)."""
+    def read():
+        path = run.selection_file(epoch)
+        if not path.is_file():
+            raise DataError(f"{path}: missing; the checkpoint was written inside epoch {epoch}, whose "
+                            "selection it needs to continue")
+        with np.load(path, allow_pickle=False) as z:
+            return z["idx"][z["selected"].astype(bool)].astype(np.int64)
+
+    return dist.run_on_main(read, what=f"reading the selection of epoch {epoch}")
 
 
 def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf, *, loss: str,

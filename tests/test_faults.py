@@ -1,0 +1,211 @@
+"""Process faults on two CPU ranks: a rank killed or hung mid-epoch, SIGTERM, and --resume.
+
+tests/scripts/fault_inject.py makes one rank send itself a real signal at a named fine-tuning epoch
+and micro-step. What a user must be able to rely on:
+  * a dead rank fails the others at once, a hung one within deepspeed.timeout_minutes, each with
+    one line saying which of the two happened (never a hang until the cluster's wall-clock limit);
+  * --resume after a SIGKILL continues from the last *complete* checkpoint and ends exactly where an
+    uninterrupted run ends (same selections, same weights);
+  * SIGTERM on any one rank -> every rank stops at the same optimizer step, a checkpoint is written,
+    exit 143; --resume continues mid-epoch and also ends exactly where an uninterrupted run ends.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launch import REPO, check, cpu_env, deepspeed_cmd, free_port, run, turnctl_cmd
+
+pytestmark = [pytest.mark.faults, pytest.mark.multirank]
+
+SCRIPT = REPO / "tests" / "scripts" / "fault_inject.py"
+TIMEOUT_MIN = 0.25  # the process-group timeout of these runs (15 s): a hung rank fails the others after it
+COMMON = ["--recipe", "tiny", "--set", "data.num_workers=0", "--set", f"deepspeed.timeout_minutes={TIMEOUT_MIN}"]
+
+
+@pytest.fixture(scope="module")
+def toy_shards(tmp_path_factory):
+    from shardgen import write_toy_shards
+
+    out = tmp_path_factory.mktemp("shards") / "toy"
+    write_toy_shards(out, counts={"train": [40, 40, 37], "val": [24], "test": [20, 20]},
+                     num_classes=4, image_size=16, seed=0, noise_rate=0.4)
+    return out
+
+
+def _args(shards, out, *extra):
+    return ["train", *COMMON, "--shards", str(shards), "--out", str(out), *extra]
+
+
+def _launch(args, fault=None, timeout=300):
+    """``deepspeed --num_gpus 2 fault_inject.py ARGS`` (the launcher users run), one fault armed."""
+    cmd = deepspeed_cmd(args)
+    cmd[cmd.index("turnctl")] = str(SCRIPT)
+    return run(cmd, env=cpu_env({"TURNCTL_TEST_FAULT": fault} if fault else None), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reference(toy_shards, tmp_path_factory):
+    """The uninterrupted run every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    check(_launch(_args(toy_shards, out)))
+    return out
+
+
+def _metrics(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(ref, other):
+    """Same selections, same fine-tuning metrics, same final weights."""
+    from safetensors.numpy import load_file
+
+    for e in (0, 1):
+        a = np.load(ref / "selection" / f"epoch_{e}.npz")
+        b = np.load(other / "selection" / f"epoch_{e}.npz")
+        assert np.array_equal(a["selected"], b["selected"]), f"epoch {e}: a different clean subset"
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
+    fa = [l for l in _metrics(ref) if l["phase"] == "fft"]
+    fb = [l for l in _metrics(other) if l["phase"] == "fft"]
+    assert [l["epoch"] for l in fb] == [0, 1]  # no epoch logged twice by the interrupted attempt
+    for la, lb in zip(fa, fb):
+        for key in ("train_loss", "samples", "steps", "selected", "test_accuracy", "val_accuracy"):
+            assert la[key] == pytest.approx(lb[key], rel=1e-6), key
+    wa, wb = load_file(ref / "final" / "model.safetensors"), load_file(other / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _spawn_ranks(args, fault, world=2):
+    """One process per rank started by hand (no launcher to clean up after a dead rank), so what
+    the surviving rank does is turnctl's own behaviour."""
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = cpu_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "TURNCTL_TEST_FAULT": fault})
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=str(REPO), env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    return procs
+
+
+def _wait_for(pred, timeout, what):
+    t0 = time.time()
+    while not pred():
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+    return time.time()
+
+
+def _stopped(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def _finish(procs):
+    outs = []
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+        outs.append(p.communicate())
+    return outs
+
+
+def test_a_killed_rank_fails_the_other_at_once(toy_shards, tmp_path):
+    procs = _spawn_ranks(_args(toy_shards, tmp_path / "run"), "KILL:1:0:3")
+    try:
+        t_dead = _wait_for(lambda: procs[1].poll() is not None, 240, "rank 1 to die")
+        assert procs[1].returncode == -9
+        _wait_for(lambda: procs[0].poll() is not None, TIMEOUT_MIN * 60 + 30, "rank 0 to fail")
+        waited = time.time() - t_dead
+    finally:
+        (_, err0), _ = _finish(procs)
+    assert procs[0].returncode == 1, err0[-3000:]
+    last = err0.strip().splitlines()[-1]
+    assert last.startswith("turnctl: error: another rank died ("), last
+    assert "Traceback" not in err0
+    # A dead peer closes its sockets: no need to wait for the timeout (15 s here, 30 min by default).
+    assert waited < TIMEOUT_MIN * 60, waited
+
+
+def test_a_hung_rank_fails_the_other_within_the_timeout(toy_shards, tmp_path):
+    procs = _spawn_ranks(_args(toy_shards, tmp_path / "run"), "STOP:1:0:3")
+    try:
+        t_hung = _wait_for(lambda: _stopped(procs[1].pid), 240, "rank 1 to stop")
+        _wait_for(lambda: procs[0].poll() is not None, TIMEOUT_MIN * 60 + 45, "rank 0 to time out")
+        waited = time.time() - t_hung
+    finally:
+        (_, err0), _ = _finish(procs)
+    assert procs[0].returncode == 1, err0[-3000:]
+    last = err0.strip().splitlines()[-1]
+    assert last.startswith("turnctl: error: a collective timed out (Timed out waiting 15000ms"), last
+    assert "deepspeed.timeout_minutes" in last
+    assert waited >= TIMEOUT_MIN * 60 - 1, f"failed after {waited:.1f}s, before the timeout: not the timeout"
+
+
+def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(toy_shards, reference, tmp_path):
+    out = tmp_path / "run"
+    t0 = time.time()
+    res = _launch(_args(toy_shards, out), fault="KILL:1:1:3")
+    assert res.returncode != 0
+    assert time.time() - t0 < 240
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "epoch_0000"
+    assert (ckpt / "epoch_0000" / "COMPLETE").is_file()
+    assert [l["epoch"] for l in _metrics(out) if l["phase"] == "fft"] == [0]
+    # What a kill in the middle of a save leaves: a tag without COMPLETE. Never loaded, and reclaimed.
+    half = ckpt / "epoch_0001_step_000002"
+    half.mkdir()
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02half a file")
+    check(_launch(_args(toy_shards, out, "--resume")))
+    assert not half.exists()
+    assert (ckpt / "latest").read_text() == "epoch_0001"
+    _assert_same_run(reference, out)
+
+
+def test_sigterm_on_one_rank_checkpoints_mid_epoch_then_resume_matches(toy_shards, reference, tmp_path):
+    out = tmp_path / "run"
+    res = _launch(_args(toy_shards, out), fault="TERM:1:1:3")
+    assert res.returncode == 143, res.stderr[-3000:]
+    # Only rank 1 got the signal; both stopped after the same step (3 is inside the 2nd optimizer
+    # step of gradient accumulation 2, so both stop once micro-step 4 is done) and rank 0 says so.
+    stopped = [l for l in res.stderr.splitlines() if "turnctl: stopped:" in l]
+    assert len(stopped) == 2 and all("epoch 1, micro-step 4 of" in l for l in stopped), stopped
+    ckpt = out / "checkpoints"
+    tag = "epoch_0001_step_000004"
+    assert (ckpt / "latest").read_text() == tag
+    info = json.loads((ckpt / tag / "COMPLETE").read_text())
+    assert info["world_size"] == 2 and info["tag"] == tag
+    assert [l["epoch"] for l in _metrics(out) if l["phase"] == "fft"] == [0]
+    res = check(_launch(_args(toy_shards, out, "--resume")))
+    assert "at epoch 1, step 4" in " ".join(res.stderr.split())  # rich wraps long log lines
+    assert [l.get("resumed_at_step") for l in _metrics(out) if l["phase"] == "fft"] == [None, 4]
+    _assert_same_run(reference, out)
+
+
+def test_resume_refuses_other_world_sizes_and_incomplete_checkpoints(toy_shards, reference, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    # Written by 2 ranks, resumed by 1: ZeRO's optimizer shards do not fit; say so before any work.
+    res = run(turnctl_cmd(_args(toy_shards, out, "--resume")), timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert "written by 2 ranks, resumed with 1" in last and str(out / "checkpoints" / "epoch_0001") in last
+    # `latest` naming a checkpoint without its COMPLETE marker (an older turnctl, or a hand copy).
+    (out / "checkpoints" / "epoch_0001" / "COMPLETE").unlink()
+    res = run(turnctl_cmd(_args(toy_shards, out, "--resume")), timeout=120)
+    assert res.returncode == 2
+    assert "checkpoint is incomplete (no COMPLETE marker)" in res.stderr.strip().splitlines()[-1]
