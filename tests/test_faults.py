@@ -13,6 +13,7 @@ and micro-step. What a user must be able to rely on:
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -193,6 +194,34 @@ def test_sigterm_on_one_rank_checkpoints_mid_epoch_then_resume_matches(toy_shard
     res = check(_launch(_args(toy_shards, out, "--resume")))
     assert "at epoch 1, step 4" in " ".join(res.stderr.split())  # rich wraps long log lines
     assert [l.get("resumed_at_step") for l in _metrics(out) if l["phase"] == "fft"] == [None, 4]
+    _assert_same_run(reference, out)
+
+
+def test_sigterm_to_the_whole_job_like_slurm_checkpoints_and_resumes(toy_shards, reference, tmp_path):
+    """Slurm signals every process of the step: the launcher too, which sends each rank a second
+    SIGTERM of its own at once. The checkpoint must survive the repeat."""
+    out = tmp_path / "run"
+    cmd = deepspeed_cmd(_args(toy_shards, out))
+    cmd[cmd.index("turnctl")] = str(SCRIPT)
+    # 0.5 s per micro-step from epoch 1 on: a window of ~4 s inside that epoch for the signal.
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=cpu_env({"TURNCTL_TEST_FAULT": "SLOW:*:1:0"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # Epoch 1's subset is on disk once its per-sample pass and selection are done: training next.
+        _wait_for(lambda: (out / "selection" / "epoch_1.npz").is_file() or proc.poll() is not None, 240,
+                  "epoch 1 to start")
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    ckpt = out / "checkpoints"
+    tag = (ckpt / "latest").read_text()
+    assert tag.startswith("epoch_0001_step_"), (tag, err[-3000:])
+    assert (ckpt / tag / "COMPLETE").is_file()
+    assert "turnctl: stopped: stopped by a signal at fine-tuning epoch 1" in err
+    check(_launch(_args(toy_shards, out, "--resume")))
     _assert_same_run(reference, out)
 
 

@@ -8,7 +8,9 @@ in, writes a mid-epoch checkpoint and exits with :data:`EXIT_PREEMPTED` (128 + S
 A signal often reaches only some ranks (``kill`` by hand, Kubernetes' PID 1). The flag is therefore
 only a local wish: the training loop all-reduces it (MAX) with the non-finite-loss flag it already
 reduces every micro-step, so every rank stops at the same optimizer-step boundary, at no extra
-collective. A second signal while the checkpoint is being written leaves immediately.
+collective. Repeated signals are ignored: under Slurm every process of the job gets SIGTERM, and
+DeepSpeed's launcher, getting its own, sends each rank another one at once; the checkpoint must
+survive that. The scheduler's SIGKILL at the end of the grace period remains the hard stop.
 
     >>> with StopRequest() as stop:
     ...     stop.requested
@@ -51,9 +53,8 @@ class StopRequest:
         return self.signum is not None
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # the second one: the user (or the scheduler) means it
-            log.warning("second %s: exiting without waiting for the checkpoint", signal.Signals(signum).name)
-            raise SystemExit(EXIT_PREEMPTED)
+        if self.signum is not None:  # already stopping (see the module docstring)
+            return
         self.signum = signum
         log.warning("received %s: finishing this optimizer step, then writing a checkpoint",
                     signal.Signals(signum).name)
