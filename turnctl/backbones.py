@@ -70,6 +70,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,6 +439,11 @@ def _from_pretrained(cls, source: str, *, family: str, config, revision, local_f
             model, info = cls.from_pretrained(source, **kw)
     except OSError:
         raise ModelError(_not_found(source, family, revision, local_files_only)) from None
+    except pickle.UnpicklingError as exc:  # a *.bin checkpoint: transformers reads it weights_only=True
+        from turnctl.safeload import refusal_reason
+
+        raise ModelError(f"'{source}': weights refused by torch.load(weights_only=True): {refusal_reason(exc)}; "
+                         "use a model.safetensors checkpoint") from None
     fresh = _check_loading(info, source, family, head_prefixes)
     if fresh:
         log.info("%s: new classifier (%d tensors initialised; the linear probe replaces it)", source, len(fresh))
@@ -843,11 +849,12 @@ def _efficientnet_weights(family: str) -> str:
 
 
 def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from turnctl.safeload import load_safetensors, torch_load
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if path.endswith(".safetensors"):
+        return load_safetensors(path, error=ModelError)
+    # .pth: weights_only, so a pickle that calls anything is refused (one line naming the file)
+    return torch_load(path, error=ModelError, what="pass a .safetensors or a plain state-dict .pth")
 
 
 def _build_efficientnet(mc: ModelSection, *, num_classes, class_names, preprocess) -> EfficientNetBackbone:
@@ -905,9 +912,13 @@ def _build_efficientnet(mc: ModelSection, *, num_classes, class_names, preproces
     if weights is not None:
         try:
             sd = _read_state_dict(weights)
+        except ModelError:
+            raise
         except Exception as err:  # a truncated or foreign file: say which one
             raise ModelError(f"cannot read weights '{weights}' ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        if not isinstance(sd, Mapping):
+            raise ModelError(f"weights '{weights}' hold a {type(sd).__name__}, not a state dict")
         fc = sd.get("_fc.weight")
         keep_fc = fc is not None and tuple(fc.shape) == tuple(model._fc.weight.shape)
         if not keep_fc:  # e.g. the 1000-class ImageNet classifier: not ours, a fresh head instead
@@ -982,7 +993,7 @@ def load_exported(path, *, ds_config: Optional[Mapping[str, Any]] = None) -> Bac
     >>> torch.equal(same(x), bb(x))
     True
     """
-    from safetensors.torch import load_file
+    from turnctl.safeload import load_safetensors
 
     path = Path(path)
     try:
@@ -992,10 +1003,16 @@ def load_exported(path, *, ds_config: Optional[Mapping[str, Any]] = None) -> Bac
                          f"checkpoint use model.name_or_path={path} with the right model.family") from None
     if meta.get("format") != EXPORT_FORMAT:
         raise ModelError(f"'{path}': unsupported export format {meta.get('format')!r} (expected {EXPORT_FORMAT})")
+    # Exports are safetensors only. Without model.safetensors (or its shard index) transformers would
+    # fall back to a pytorch_model.bin pickle planted beside turnctl.json: refuse before it looks.
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        raise ModelError(f"'{path}': no model.safetensors; turnctl exports are safetensors only"
+                         + (f" (refusing to unpickle {', '.join(pickles)})" if pickles else ""))
     mc = ModelSection(family=meta["family"], name_or_path=str(path),
                       pooling=meta.get("requested_pooling", "default"))
     bb = load_backbone(mc, num_classes=int(meta["num_classes"]), ds_config=ds_config, local_files_only=True,
                        class_names=meta.get("class_names"), preprocess=Preprocess.from_dict(meta["preprocess"]))
-    bb.load_head_state(load_file(str(path / HEAD_FILE)))
+    bb.load_head_state(load_safetensors(path / HEAD_FILE, error=ModelError))
     bb.source = meta.get("source") or str(path)
     return bb

@@ -64,14 +64,15 @@ def load_model(path: Path):
     run_dir = ckpt_root.parent
     if not (run_dir / "recipe.yaml").is_file():
         raise TurnctlError(f"--checkpoint {path}: cannot find the run's recipe.yaml at {run_dir}")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from turnctl.recipe import load_recipe
+    from turnctl.safeload import safe_zero_to_fp32
 
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
     info = open_split(recipe.data.shards, recipe.data.train_split)
     model = load_backbone(recipe.model, num_classes=info.num_classes)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    # zero_to_fp32 reads with torch.load(weights_only=False); inside the block, weights_only=True.
+    with safe_zero_to_fp32() as z:
+        state = z.get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if [k for k in missing if "num_batches_tracked" not in k] or unexpected:
         raise TurnctlError(f"--checkpoint {path}: weights do not match the recipe's model "

@@ -55,8 +55,10 @@ def cache_key(model_identity: Dict, preprocess, info: SplitInfo) -> str:
 
 
 def _load(path: Path, key: str, info: SplitInfo) -> Optional[FeatureSet]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    # safetensors holds no code: a planted pickle (or any foreign file) is only "not safetensors"
+    # (SafetensorError), refused with a warning and overwritten by a fresh extraction.
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -64,7 +66,7 @@ def _load(path: Path, key: str, info: SplitInfo) -> Optional[FeatureSet]:
                 log.warning("feature cache %s does not match this backbone/shards; re-extracting", path)
                 return None
             t = {name: f.get_tensor(name) for name in ("features", "labels", "clean", "ok")}
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
         log.warning("feature cache %s is unreadable (%s); re-extracting", path, exc)
         return None
     return FeatureSet(info.split, t["features"], t["labels"], t["clean"], t["ok"].bool(), True, path)

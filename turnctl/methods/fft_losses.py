@@ -49,6 +49,7 @@ from turnctl import distributed as dist
 from turnctl.errors import DistributedError, TurnctlError
 from turnctl.losses import ELR_CLAMP, ELRTargets, elr_regulariser, gce_loss, per_sample_ce
 from turnctl.recipe import LossSection
+from turnctl.safeload import torch_load
 
 ELR_FILE = "elr_targets.pt"
 
@@ -169,7 +170,11 @@ class SyncedELR(ELRTargets):
         if not path.is_file():
             raise TurnctlError(f"--resume: {path} is missing; the ELR targets of that checkpoint are lost, "
                                "start the run again")
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        # weights_only: a tensor table needs nothing else, and a planted pickle is refused, one line.
+        state = torch_load(path, what="the ELR targets of that checkpoint are unusable")
+        if not isinstance(state, Mapping) or not isinstance(state.get("targets"), torch.Tensor):
+            raise TurnctlError(f"{path}: not an ELR targets file (no 'targets' tensor)")
+        self.load_state_dict(state)
 
 
 def fft_loss_hook(name: str, *, losses: LossSection, num_samples: int, num_classes: int):

@@ -4,6 +4,7 @@ Data flow (one module per step)::
 
     cifar / arrays / listed   raw layout -> Source (ordered splits of key, label, true label, image)
     safeload                  numpy-only unpickling for CIFAR batches and CIFAR-N .pt files
+                              (re-exported from turnctl.safeload, home of every safe loader)
     labels                    CIFAR-N human label sets and key,label CSVs
     noise                     seeded generators: symmetric, asymmetric, instance, + rates/matrices
     images                    image bytes (PNG for arrays; files verified, kept, or shrunk)

@@ -20,7 +20,7 @@ import numpy as np
 
 from turnctl.errors import DataError
 from turnctl.logger import log
-from turnctl.prepare.safeload import load_pickle_file
+from turnctl.safeload import load_pickle_file
 from turnctl.prepare.source import SPLIT_SEED, Source, Split, check_range, require_file, stratified_holdout
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -3,7 +3,7 @@
 CIFAR-N files are ``torch.save`` archives of a dict of int64 numpy arrays of length 50,000 in the
 original CIFAR training order (CIFAR-10N: ``aggre_label``, ``worse_label``, ``random_label1..3``,
 ``clean_label``; CIFAR-100N: ``noisy_label``, ``clean_label``). They are read without executing
-arbitrary pickle (:func:`turnctl.prepare.safeload.load_torch_file`). Short names work::
+arbitrary pickle (:func:`turnctl.safeload.load_torch_file`). Short names work::
 
     human:aggre -> aggre_label    human:worse -> worse_label    human:random2 -> random_label2
     human:noisy -> noisy_label (CIFAR-100N)
@@ -22,7 +22,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import numpy as np
 
 from turnctl.errors import DataError
-from turnctl.prepare.safeload import load_torch_file
+from turnctl.safeload import load_torch_file
 from turnctl.prepare.source import check_range, sanitize_key
 
 
