@@ -148,7 +148,8 @@ def write_toy_shards(out_dir: Union[str, Path], *, counts: Mapping[str, Sequence
                         _add(tf, f"{key}.clean.cls", str(int(clean[i])).encode())
                     _add(tf, f"{key}.idx", str(i).encode())
             sizes[name] = count
-            shards_meta[name] = {"sha256": _sha256(path), "count": count, "split": split}
+            shards_meta[name] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "count": count,
+                                 "split": split}
             names.append(name)
             shard_idx.append(ids)
         realised = float((given != clean).mean()) if n else 0.0

@@ -84,8 +84,8 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         raise TurnctlError(f"method '{recipe.method}' is not available yet; available: {', '.join(sorted(SUPPORTED))}")
     t_start = time.time()
     dist.init_distributed(recipe.deepspeed.timeout_minutes)
+    splits = open_splits(recipe)  # bad shards fail here, before a run directory is created
     run = RunDir.open(recipe, resume=resume)
-    splits = open_splits(recipe)
     train = splits["train"]
     num_classes = train.num_classes
     method = recipe.method
@@ -276,6 +276,8 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
             head_state, history = res.head_state, res.history
         for line in history:
             run.log_metrics({"phase": "lp", **line})
+        # Undecodable images got zero features and were left out: say how many, per split.
+        summary = {**summary, **{f"{role}_undecodable": int((~fs.ok).sum()) for role, fs in feats.items()}}
         return {k: v.detach().cpu().float() for k, v in head_state.items()}, summary, history
 
     head_state, summary, history = dist.run_on_main(train_head, what=f"step 1 ({step1})")
@@ -343,7 +345,7 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
                      clean_prob=sel.clean_prob.astype(np.float32), selected=sub.selected, keep=sel.keep,
                      given=given, clean=clean, pred=out["pred"].astype(np.int64), ok=ok,
                      means=sel.means, variances=sel.variances, weights=sel.weights)
-        stats = {"kept": int(sel.keep.sum()), "selected": int(sub.selected.sum()),
+        stats = {"kept": int(sel.keep.sum()), "selected": int(sub.selected.sum()), "undecodable": int((~ok).sum()),
                  "n_per_class": int(sub.n_per_class), "fallback_classes": [int(x) for x in sub.fallback_classes],
                  "train_acc_given": float((out["pred"] == given)[ok].mean()) if ok.any() else None}
         q_keep = selection_quality(sel.keep, given, clean, ok)
@@ -371,4 +373,5 @@ def _evaluate_splits(tuner, splits, eval_tf, recipe: Recipe, num_classes: int) -
             rep = accuracy_report(out["pred"], out["cls"],
                                   out["ok"], num_classes=num_classes)
             evals[f"{role}_accuracy"] = rep["accuracy"]
+            evals[f"{role}_undecodable"] = rep["undecodable"]
     return evals

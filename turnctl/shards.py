@@ -194,6 +194,10 @@ def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> S
         p = root / name
         if not p.is_file():
             raise DataError(f"{p}: shard listed in manifest.json is missing; re-run `turnctl prepare`")
+        want_bytes = shards_meta[name].get("bytes")  # absent in older manifests: no check
+        if want_bytes is not None and p.stat().st_size != int(want_bytes):
+            raise DataError(f"{p}: {p.stat().st_size} bytes but manifest.json says {want_bytes}; the shard is "
+                            "truncated or replaced (an interrupted copy?); copy it again or re-run `turnctl prepare`")
         if name not in sizes:
             raise DataError(f"{spath}: no entry for {name}")
         if int(sizes[name]) != int(shards_meta[name].get("count", -1)):
@@ -418,8 +422,12 @@ def iter_tar(fileobj, suffixes: Optional[Tuple[str, ...]] = None) -> Iterator[Tu
             return
         magic = hdr[257:263]
         if magic[:5] != b"ustar":
-            # v7 header (no magic) or garbage: the checksum decides.
-            if _tar_int(hdr[148:156]) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            # v7 header (no magic) or garbage: the checksum decides (a non-octal one is garbage too).
+            try:
+                chksum = _tar_int(hdr[148:156])
+            except ValueError:
+                chksum = -1
+            if chksum != sum(hdr[:148]) + 256 + sum(hdr[156:]):
                 raise tarfile.ReadError("bad tar header checksum (not a tar file, or corrupt)")
         try:  # fast path: 11 octal digits + NUL, as Python's tarfile, GNU tar and bsdtar write
             size = int(hdr[124:135], 8)
@@ -1267,13 +1275,14 @@ class TrainLoader:
                     break
         finally:
             stream.close()
+            # Also when the consumer stops early (a preempted epoch closes this generator).
+            s = _sum_stats(last)
+            self._stats = {"steps": done, "seen": done * self.batch_size, **s,
+                           "workers": max(1, self.num_workers)}
         if done < self.steps:
             # Cannot happen with cycling workers unless the stream died; fail loudly, not by hanging
             # the other ranks in their next collective... which is all a single rank can do.
             raise DataError(f"rank {self.rank}: the shard stream ended after {done} of {self.steps} steps")
-        s = _sum_stats(last)
-        self._stats = {"steps": done, "seen": done * self.batch_size, **s,
-                       "workers": max(1, self.num_workers)}
         if s["corrupt"] or s["errors"]:
             log.warning("epoch %d rank %d: skipped %d corrupt samples, %d stream errors (%s/%s)",
                         self.epoch, self.rank, s["corrupt"], s["errors"], self.info.root, self.info.split)

@@ -372,7 +372,8 @@ def prepare_dataset(dataset: str, *, root: Optional[Union[str, Path]] = None, ou
                 splits[name] = _split_record(split, given[name], kept[name], shards, skipped,
                                              num_classes=source.num_classes, noised=name in record["applies_to"])
                 for s in shards:
-                    shard_table[s["file"]] = {"sha256": s["sha256"], "count": s["count"], "split": name}
+                    shard_table[s["file"]] = {"sha256": s["sha256"], "bytes": s["bytes"], "count": s["count"],
+                                              "split": name}
                     sizes[s["file"]] = s["count"]
         write_json(partial / "sizes.json", sizes)
         manifest = {

@@ -116,7 +116,9 @@ class SplitWriter:
     def _close_current(self) -> None:
         if self._shard is None:
             return
-        self.shards[-1]["sha256"] = self._shard.finish(self.directory / self.shards[-1]["file"])
+        path = self.directory / self.shards[-1]["file"]
+        self.shards[-1]["sha256"] = self._shard.finish(path)
+        self.shards[-1]["bytes"] = path.stat().st_size  # lets readers catch a truncated copy by a stat
         self._shard = None
 
     def add(self, key: str, ext: str, image: bytes, *, idx: int, label: int, clean: Optional[int]) -> None:
@@ -135,7 +137,7 @@ class SplitWriter:
         self.count += 1
 
     def close(self) -> List[Dict[str, Any]]:
-        """Finish the last shard; returns ``[{"file", "count", "split", "sha256"}, ...]``."""
+        """Finish the last shard; returns ``[{"file", "count", "split", "sha256", "bytes"}, ...]``."""
         self._close_current()
         return self.shards
 
