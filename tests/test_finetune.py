@@ -110,3 +110,40 @@ def test_cosine_spans_the_methods_own_epochs(world_of_one, tmp_path):
     assert first["lr"] == pytest.approx(r.finetune.lr * 0.5)  # half-way through a 2-epoch cosine
     last = tuner.train_epoch(info, epoch=1, total_epochs=2, keep_idx=None, transform=tf, num_workers=0, seed=0)
     assert last["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_nonfinite_loss_and_stop_requests_are_agreed_per_step():
+    """The per-micro-step check (one all-reduce on many ranks; here a world of one): a NaN/inf
+    loss names epoch, step and sample idx; a pending stop request is returned, not raised."""
+    from types import SimpleNamespace
+
+    from turnctl.errors import TurnctlError
+    from turnctl.finetune import FineTuner
+    from turnctl.preempt import StopRequest
+
+    me = SimpleNamespace(world=1)
+    batch = {"idx": torch.tensor([5, 9, 11])}
+    ok = torch.tensor([0.5, 1.0, 2.0])
+    assert FineTuner._check_step(me, ok, batch, 1, 3, None) is False
+    stop = StopRequest()
+    assert FineTuner._check_step(me, ok, batch, 1, 3, stop) is False
+    stop.signum = 15  # what the SIGTERM handler records
+    assert FineTuner._check_step(me, ok, batch, 1, 3, stop) is True
+    bad = torch.tensor([0.5, float("nan"), float("inf")])
+    with pytest.raises(TurnctlError, match=r"non-finite loss at fine-tune epoch 1, step 3 \(idx \[9, 11\]\)"):
+        FineTuner._check_step(me, bad, batch, 1, 3, stop)
+
+
+def test_stop_request_handles_sigterm_once_and_restores_the_handler():
+    import os
+    import signal
+
+    from turnctl.preempt import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's repeat: still alive, still one request
+        assert stop.requested and stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
