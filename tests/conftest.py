@@ -19,6 +19,15 @@ def repo() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_shm_left_behind():
+    """After each module (its launches have all exited): free what killed ranks left in /dev/shm."""
+    yield
+    from launch import remove_leftover_shm
+
+    remove_leftover_shm()
+
+
 @pytest.fixture(autouse=True)
 def _clean_dist_env(monkeypatch):
     """In-process tests are a world of one whatever the outer environment says."""

@@ -17,10 +17,29 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+PORTS_USED: set = set()  # conftest removes what killed ranks leave in /dev/shm under these ports
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    PORTS_USED.add(port)
+    return port
+
+
+def remove_leftover_shm() -> None:
+    """DeepSpeed's CPU all-reduce buffers of the launches so far (turnctl unlinks its own at exit;
+    a SIGKILLed rank cannot). /dev/shm is memory: on a 24 GB CI machine they add up."""
+    import glob
+
+    for port in sorted(PORTS_USED):
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    PORTS_USED.clear()
 
 
 def cpu_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:

@@ -30,7 +30,15 @@ def _assert_two_ranks_agreed(result):
 @pytest.mark.multirank
 def test_deepspeed_turnctl_from_repo_root_as_written():
     # The launcher runs `python -u turnctl --local_rank=N train ...`: the *directory* turnctl/.
-    _assert_two_ranks_agreed(check(run(deepspeed_cmd(DRY), cwd=REPO, timeout=240)))
+    cmd = deepspeed_cmd(DRY)
+    _assert_two_ranks_agreed(check(run(cmd, cwd=REPO, timeout=240)))
+    # DeepSpeed's CPU all-reduce buffers (66 MB per rank in /dev/shm, i.e. memory) are gone once the
+    # ranks exit; DeepSpeed itself never unlinks them.
+    import glob
+    import os
+
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
 @pytest.mark.multirank

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch import check, deepspeed_cmd, last_json, run
+from launch import check, cpu_env, deepspeed_cmd, last_json, run
 from turnctl.errors import RecipeError
 from turnctl.losses import ELRTargets
 from turnctl.methods.common import FeatureViews, linear_rampup, sharpen, uniform_prior_penalty
@@ -341,12 +341,18 @@ def test_every_method_on_two_ranks_then_elr_resume_is_exact(toy_shards, tmp_path
     assert (runs["turn-nmtune"] / "selection" / "epoch_0.npz").is_file()
     assert comparison["runs"][METHODS.index("turn-nmtune")]["selection"]["selected"] == tn[-1]["selected"]
 
-    # fft-elr: stop after epoch 0, resume; the ELR table and the losses equal the uninterrupted run's
+    # fft-elr: SIGTERM inside epoch 1 (rank 0, micro-step 5 of 14: stops after 6), resume mid-epoch;
+    # the ELR table (updated batch by batch) and the losses equal the uninterrupted run's.
     full = runs["fft-elr"]
     part = tmp_path / "part"
     args = ["train", "--recipe", "tiny", "--method", "fft-elr", "--shards", str(toy_shards), "--out", str(part),
             "--json", *FAST]
-    assert last_json(check(run(deepspeed_cmd(args + ["--stop-after", "0"]), timeout=240)).stdout)["stopped_after_epoch"] == 0
+    cmd = deepspeed_cmd(args)
+    cmd[cmd.index("turnctl")] = str(Path(__file__).parent / "scripts" / "fault_inject.py")
+    stopped = run(cmd, env=cpu_env({"TURNCTL_TEST_FAULT": "TERM:0:1:5"}), timeout=240)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert (part / "checkpoints" / "latest").read_text() == "epoch_0001_step_000006"
+    assert (part / "checkpoints" / "epoch_0001_step_000006" / "elr_targets.pt").is_file()
     check(run(deepspeed_cmd(args + ["--resume"]), timeout=240))
     a = torch.load(full / "checkpoints" / "epoch_0001" / "elr_targets.pt")["targets"]
     b = torch.load(part / "checkpoints" / "epoch_0001" / "elr_targets.pt")["targets"]

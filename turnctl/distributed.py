@@ -82,6 +82,32 @@ def destroy() -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+        _unlink_deepspeed_shm()
+
+
+def deepspeed_shm_path(rank: int) -> Optional[str]:
+    """The shared-memory buffer DeepSpeed's CPU all-reduce creates for ``rank`` of this job, if any.
+
+    With DS_ACCELERATOR=cpu and all ranks on one machine (LOCAL_SIZE == WORLD_SIZE, which the
+    deepspeed launcher sets), DeepSpeed 0.19 creates one 66 MB buffer per rank in /dev/shm, named
+    after the user, MASTER_ADDR and MASTER_PORT, and never unlinks it: /dev/shm is memory, so every
+    run would keep 66 MB x ranks until the machine reboots.
+    """
+    if os.environ.get("DS_ACCELERATOR") != "cpu" or os.environ.get("LOCAL_SIZE") != os.environ.get("WORLD_SIZE"):
+        return None
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_deepspeed_shm() -> None:
+    # Every peer mapped this buffer when the process group was created; unlinking the name at the
+    # end leaves their mappings valid and returns the memory once the last one exits.
+    path = deepspeed_shm_path(env_rank())
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def barrier() -> None:
