@@ -188,3 +188,11 @@ def write_toy_shards(out_dir: Union[str, Path], *, counts: Mapping[str, Sequence
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")
     return toy
+
+
+def write_run_shards(out_dir: Union[str, Path], *, seed: int = 0) -> Path:
+    """The dataset of the end-to-end runs (``tiny`` recipe, 2 ranks): 4 classes, 40% noise, uneven
+    train shards (the last one short) and a train split that 2 ranks do not divide evenly."""
+    write_toy_shards(out_dir, counts={"train": [40, 40, 37], "val": [24], "test": [20, 20]},
+                     num_classes=4, image_size=16, seed=seed, noise_rate=0.4)
+    return Path(out_dir)

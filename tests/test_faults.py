@@ -33,12 +33,9 @@ COMMON = ["--recipe", "tiny", "--set", "data.num_workers=0", "--set", f"deepspee
 
 @pytest.fixture(scope="module")
 def toy_shards(tmp_path_factory):
-    from shardgen import write_toy_shards
+    from shardgen import write_run_shards
 
-    out = tmp_path_factory.mktemp("shards") / "toy"
-    write_toy_shards(out, counts={"train": [40, 40, 37], "val": [24], "test": [20, 20]},
-                     num_classes=4, image_size=16, seed=0, noise_rate=0.4)
-    return out
+    return write_run_shards(tmp_path_factory.mktemp("shards") / "toy")
 
 
 def _args(shards, out, *extra):

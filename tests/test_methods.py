@@ -301,12 +301,9 @@ FAST = ["--set", "data.num_workers=0", "--set", "probe.epochs=2", "--set", "divi
 
 @pytest.fixture(scope="module")
 def toy_shards(tmp_path_factory):
-    from shardgen import write_toy_shards
+    from shardgen import write_run_shards
 
-    out = tmp_path_factory.mktemp("methods") / "toy"
-    write_toy_shards(out, counts={"train": [40, 40, 37], "val": [24], "test": [20, 20]},
-                     num_classes=NUM_CLASSES, image_size=16, seed=0, noise_rate=0.4)
-    return out
+    return write_run_shards(tmp_path_factory.mktemp("methods") / "toy")
 
 
 def _lines(run_dir):

@@ -133,6 +133,14 @@ def test_open_split_errors_name_the_problem(toy, tmp_path):
     f = write_toy_shards(tmp_path / "f", counts={"train": [3]}, num_classes=2)
     with open(f.root / "train-000000.tar", "ab") as fh:
         fh.write(b"\0" * 512)
+    with pytest.raises(DataError, match=r"train-000000.tar: 20992 bytes but manifest.json says 20480"):
+        S.open_split(f.root, "train")  # a stat catches a size change on every run
+    with open(f.root / "train-000000.tar", "r+b") as fh:  # same size, one byte changed: only the hash sees it
+        fh.truncate(20480)
+        fh.seek(600)
+        byte = fh.read(1)
+        fh.seek(600)
+        fh.write(bytes([byte[0] ^ 0xFF]))
     S.open_split(f.root, "train")  # cheap checks pass
     with pytest.raises(DataError, match="sha256"):
         S.open_split(f.root, "train", verify=True)
@@ -213,6 +221,7 @@ def test_group_samples_skips_eof_and_never_merges_shards():
 
 def test_broken_tar_is_a_counted_stream_error(tmp_path):
     d = write_toy_shards(tmp_path / "d", counts={"train": [4, 4]}, num_classes=2)
+    info = S.open_split(d.root, "train")  # opened intact: the cut below happens while a run reads
     p = d.root / "train-000001.tar"
     p.write_bytes(p.read_bytes()[:1300])  # cut inside the second sample
     c = S._Counters()
@@ -221,7 +230,6 @@ def test_broken_tar_is_a_counted_stream_error(tmp_path):
     keys = [s["__key__"] for s in S.group_samples(S.expand_tars(iter(urls), h), h)]
     assert keys[:5] == [f"train_{i:06d}" for i in range(5)] and c.errors == 1
     # Exact mode: the loss shows up as missing idx, on every rank alike, in the same step count.
-    info = S.open_split(d.root, "train")
     steps, batches, loaders = exact_pass(info, world=2, bs=3)
     assert steps == [2, 2]
     assert loaders[1].stats()["seen"] < 4 and loaders[1].stats()["errors"] == 1

@@ -15,13 +15,9 @@ NUM_CLASSES = 4
 
 @pytest.fixture(scope="module")
 def toy_shards(tmp_path_factory):
-    from shardgen import write_toy_shards
+    from shardgen import write_run_shards
 
-    out = tmp_path_factory.mktemp("shards") / "toy"
-    # Uneven shards (the last one short) and a split size that 2 ranks do not divide evenly.
-    write_toy_shards(out, counts={"train": [40, 40, 37], "val": [24], "test": [20, 20]},
-                     num_classes=NUM_CLASSES, image_size=16, seed=0, noise_rate=0.4)
-    return out
+    return write_run_shards(tmp_path_factory.mktemp("shards") / "toy")
 
 
 def _train(shards, out, *extra, stage=2, timeout=420):

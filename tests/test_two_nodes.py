@@ -25,12 +25,9 @@ SCRIPT = REPO / "tests" / "scripts" / "record_writes.py"
 
 @pytest.fixture(scope="module")
 def toy_shards(tmp_path_factory):
-    from shardgen import write_toy_shards
+    from shardgen import write_run_shards
 
-    out = tmp_path_factory.mktemp("shards") / "toy"
-    write_toy_shards(out, counts={"train": [40, 40, 37], "val": [24], "test": [20, 20]},
-                     num_classes=4, image_size=16, seed=1, noise_rate=0.4)
-    return out
+    return write_run_shards(tmp_path_factory.mktemp("shards") / "toy", seed=1)
 
 
 def _train_args(shards, out, cache):
