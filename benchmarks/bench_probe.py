@@ -35,7 +35,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from turnctl import __version__  # noqa: E402
 from turnctl.losses import gce_loss  # noqa: E402

@@ -99,6 +99,11 @@ def deepspeed_shm_path(rank: int) -> Optional[str]:
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
 
 
+def release_node_resources() -> None:
+    """What must not outlive this process even when it exits without tearing anything down."""
+    _unlink_deepspeed_shm()
+
+
 def _unlink_deepspeed_shm() -> None:
     # Every peer mapped this buffer when the process group was created; unlinking the name at the
     # end leaves their mappings valid and returns the memory once the last one exits.
