@@ -64,6 +64,21 @@ def test_dry_run_prints_recipe_on_stdout_and_logs_on_stderr(capsys):
     assert "is valid" in cap.err and "is valid" not in cap.out
 
 
+def test_log_lines_to_a_file_are_one_line_each(tmp_path):
+    """Batch jobs log to files: one unwrapped line per record (this one is ~100 characters; rich
+    would wrap it at 80)."""
+    import re
+    import subprocess
+    import sys
+
+    with open(tmp_path / "err.log", "w") as err:
+        subprocess.run([sys.executable, "-m", "turnctl", "train", "--recipe", "tiny", "--dry-run"],
+                       stdout=subprocess.DEVNULL, stderr=err, check=True)
+    lines = (tmp_path / "err.log").read_text().splitlines()
+    assert any(re.fullmatch(r"\d\d:\d\d:\d\d INFO recipe tiny is valid \(digest [0-9a-f]+, world size 1, "
+                            r"gradient accumulation \d+\)", line) for line in lines), lines
+
+
 def test_dry_run_json_is_machine_readable(capsys):
     assert run(["train", "--recipe", "tiny", "--dry-run", "--json", "--method", "lp-gce",
                 "--shards", "some/where"]) == 0

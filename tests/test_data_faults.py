@@ -231,7 +231,9 @@ def test_missing_shard_is_a_one_line_error_before_training(tmp_path, nproc):
     res = run(turnctl_cmd(args) if nproc == 1 else deepspeed_cmd(args, nproc=nproc), timeout=120)
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if "turnctl: error:" in line]
-    assert len(errors) == nproc, res.stderr[-3000:]  # one line per rank, every rank stops
+    # Every rank finds it; the deepspeed launcher kills the others as soon as one exits non-zero,
+    # so a slower rank may be gone before it prints its line.
+    assert 1 <= len(errors) <= nproc, res.stderr[-3000:]
     for line in errors:
         assert f"{toy.root / 'train-000001.tar'}: shard listed in manifest.json is missing" in line
     assert "Traceback" not in res.stderr
@@ -321,7 +323,7 @@ def test_garbage_shard_stops_turn_before_training(tmp_path):
     res = run(deepspeed_cmd(_args(toy.root, out)), timeout=180)
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if "turnctl: error:" in line]
-    assert len(errors) == WORLD, res.stderr[-3000:]
+    assert 1 <= len(errors) <= WORLD, res.stderr[-3000:]  # the launcher may kill a rank before it prints
     for line in errors:
         assert "features [train]: expected each of 120 idx exactly once, got 40 missing (first idx 40)" in line
     err = _flat(res.stderr)

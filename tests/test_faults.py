@@ -232,8 +232,13 @@ def test_resume_refuses_other_world_sizes_and_incomplete_checkpoints(toy_shards,
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert "written by 2 ranks, resumed with 1" in last and str(out / "checkpoints" / "epoch_0001") in last
-    # `latest` naming a checkpoint without its COMPLETE marker (an older turnctl, or a hand copy).
+    # `latest` naming a checkpoint without its COMPLETE marker (an older turnctl, or a hand copy):
+    # rank 0 checks, and every rank stops with its message (none waits for the timeout).
     (out / "checkpoints" / "epoch_0001" / "COMPLETE").unlink()
-    res = run(turnctl_cmd(_args(toy_shards, out, "--resume")), timeout=120)
+    t0 = time.time()
+    res = run(deepspeed_cmd(_args(toy_shards, out, "--resume")), timeout=120)
     assert res.returncode == 2
-    assert "checkpoint is incomplete (no COMPLETE marker)" in res.stderr.strip().splitlines()[-1]
+    errors = [l for l in res.stderr.splitlines() if "turnctl: error:" in l]
+    # (the launcher kills the other rank as soon as one exits non-zero: it may not get to print)
+    assert 1 <= len(errors) <= 2 and all("checkpoint is incomplete (no COMPLETE marker)" in l for l in errors), errors
+    assert time.time() - t0 < 60

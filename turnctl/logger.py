@@ -49,11 +49,16 @@ def setup_logging(verbose: bool = False) -> logging.Logger:
     log.propagate = False
     if rank == 0:
         _stderr_console = Console(stderr=True)
-        handler: logging.Handler = RichHandler(
-            console=_stderr_console, show_path=False, rich_tracebacks=False, markup=False,
-            log_time_format="[%X]",
-        )
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler: logging.Handler
+        if _stderr_console.is_terminal:
+            handler = RichHandler(console=_stderr_console, show_path=False, rich_tracebacks=False, markup=False,
+                                  log_time_format="[%X]")
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        else:
+            # A batch job's log file: one line per record (rich would wrap at 80 columns, splitting
+            # paths and messages that people grep for).
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.setLevel(logging.DEBUG if verbose else logging.INFO)
     else:
         handler = logging.StreamHandler(sys.stderr)

@@ -122,8 +122,9 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     if resume and tuner is not None:
         from turnctl.finetune import check_resumable
 
-        tag = dist.broadcast_object(check_resumable(run.checkpoints, world_size=dist.world_size())
-                                    if dist.rank() == 0 else None)
+        # run_on_main: a refused checkpoint stops every rank with rank 0's message.
+        tag = dist.run_on_main(lambda: check_resumable(run.checkpoints, world_size=dist.world_size()),
+                               what="checking the checkpoint to resume")
         client = tuner.load_checkpoint(run.checkpoints) if tag is not None else None
         if client is not None:
             start_epoch = int(client["epoch"])
