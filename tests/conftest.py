@@ -34,3 +34,24 @@ def _clean_dist_env(monkeypatch):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     yield
+
+
+@pytest.fixture(scope="session")
+def run_shards(tmp_path_factory) -> Path:
+    """The end-to-end toy dataset (shardgen.write_run_shards), shared by the modules that compare runs."""
+    from shardgen import write_run_shards
+
+    return write_run_shards(tmp_path_factory.mktemp("run-shards") / "toy")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_run(run_shards, tmp_path_factory):
+    """One uninterrupted 2-rank ZeRO-2 TURN run of the tiny recipe on ``run_shards``: checked end to
+    end by test_turn_e2e, and what every interrupted-and-resumed run in test_faults must equal.
+    Returns (run directory, its JSON result)."""
+    from launch import RUN_ARGS, check, deepspeed_cmd, last_json, run
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    res = check(run(deepspeed_cmd(["train", *RUN_ARGS, "--shards", str(run_shards), "--out", str(out), "--json"]),
+                    timeout=420))
+    return out, last_json(res.stdout)

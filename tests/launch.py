@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+# The recipe of conftest's reference run and of the fault tests' runs (a resumed copy must match it).
+RUN_ARGS = ["--recipe", "tiny", "--set", "data.num_workers=0"]
+
 PORTS_USED: set = set()  # conftest removes what killed ranks leave in /dev/shm under these ports
 
 

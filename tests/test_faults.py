@@ -22,24 +22,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch import REPO, check, cpu_env, deepspeed_cmd, free_port, run, turnctl_cmd
+# RUN_ARGS: the recipe every run here shares with conftest.tiny_reference_run, so that a copy of
+# the reference can be resumed.
+from launch import REPO, RUN_ARGS, check, cpu_env, deepspeed_cmd, free_port, run, turnctl_cmd
 
 pytestmark = [pytest.mark.faults, pytest.mark.multirank]
 
 SCRIPT = REPO / "tests" / "scripts" / "fault_inject.py"
-TIMEOUT_MIN = 0.25  # the process-group timeout of these runs (15 s): a hung rank fails the others after it
-COMMON = ["--recipe", "tiny", "--set", "data.num_workers=0", "--set", f"deepspeed.timeout_minutes={TIMEOUT_MIN}"]
-
-
-@pytest.fixture(scope="module")
-def toy_shards(tmp_path_factory):
-    from shardgen import write_run_shards
-
-    return write_run_shards(tmp_path_factory.mktemp("shards") / "toy")
+TIMEOUT_MIN = 0.25  # the hung-rank test's process-group timeout (15 s): the survivor fails after it
 
 
 def _args(shards, out, *extra):
-    return ["train", *COMMON, "--shards", str(shards), "--out", str(out), *extra]
+    return ["train", *RUN_ARGS, "--shards", str(shards), "--out", str(out), *extra]
 
 
 def _launch(args, fault=None, timeout=300):
@@ -50,11 +44,9 @@ def _launch(args, fault=None, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def reference(toy_shards, tmp_path_factory):
+def reference(tiny_reference_run):
     """The uninterrupted run every resumed run must reproduce."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    check(_launch(_args(toy_shards, out)))
-    return out
+    return tiny_reference_run[0]
 
 
 def _metrics(run_dir):
@@ -122,12 +114,12 @@ def _finish(procs):
     return outs
 
 
-def test_a_killed_rank_fails_the_other_at_once(toy_shards, tmp_path):
-    procs = _spawn_ranks(_args(toy_shards, tmp_path / "run"), "KILL:1:0:3")
+def test_a_killed_rank_fails_the_other_at_once(run_shards, tmp_path):
+    procs = _spawn_ranks(_args(run_shards, tmp_path / "run"), "KILL:1:0:3")
     try:
         t_dead = _wait_for(lambda: procs[1].poll() is not None, 240, "rank 1 to die")
         assert procs[1].returncode == -9
-        _wait_for(lambda: procs[0].poll() is not None, TIMEOUT_MIN * 60 + 30, "rank 0 to fail")
+        _wait_for(lambda: procs[0].poll() is not None, 60, "rank 0 to fail")
         waited = time.time() - t_dead
     finally:
         (_, err0), _ = _finish(procs)
@@ -135,12 +127,13 @@ def test_a_killed_rank_fails_the_other_at_once(toy_shards, tmp_path):
     last = err0.strip().splitlines()[-1]
     assert last.startswith("turnctl: error: another rank died ("), last
     assert "Traceback" not in err0
-    # A dead peer closes its sockets: no need to wait for the timeout (15 s here, 30 min by default).
-    assert waited < TIMEOUT_MIN * 60, waited
+    # A dead peer closes its sockets: no waiting for the timeout (5 min in this recipe).
+    assert waited < 30, waited
 
 
-def test_a_hung_rank_fails_the_other_within_the_timeout(toy_shards, tmp_path):
-    procs = _spawn_ranks(_args(toy_shards, tmp_path / "run"), "STOP:1:0:3")
+def test_a_hung_rank_fails_the_other_within_the_timeout(run_shards, tmp_path):
+    procs = _spawn_ranks(_args(run_shards, tmp_path / "run", "--set", f"deepspeed.timeout_minutes={TIMEOUT_MIN}"),
+                         "STOP:1:0:3")
     try:
         t_hung = _wait_for(lambda: _stopped(procs[1].pid), 240, "rank 1 to stop")
         _wait_for(lambda: procs[0].poll() is not None, TIMEOUT_MIN * 60 + 45, "rank 0 to time out")
@@ -156,10 +149,10 @@ def test_a_hung_rank_fails_the_other_within_the_timeout(toy_shards, tmp_path):
     assert waited >= TIMEOUT_MIN * 60 / 2, f"failed after {waited:.1f}s, long before the timeout: not the timeout"
 
 
-def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(toy_shards, reference, tmp_path):
+def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(run_shards, reference, tmp_path):
     out = tmp_path / "run"
     t0 = time.time()
-    res = _launch(_args(toy_shards, out), fault="KILL:1:1:3")
+    res = _launch(_args(run_shards, out), fault="KILL:1:1:3")
     assert res.returncode != 0
     assert time.time() - t0 < 240
     ckpt = out / "checkpoints"
@@ -170,15 +163,15 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(toy_sh
     half = ckpt / "epoch_0001_step_000002"
     half.mkdir()
     (half / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02half a file")
-    check(_launch(_args(toy_shards, out, "--resume")))
+    check(_launch(_args(run_shards, out, "--resume")))
     assert not half.exists()
     assert (ckpt / "latest").read_text() == "epoch_0001"
     _assert_same_run(reference, out)
 
 
-def test_sigterm_on_one_rank_checkpoints_mid_epoch_then_resume_matches(toy_shards, reference, tmp_path):
+def test_sigterm_on_one_rank_checkpoints_mid_epoch_then_resume_matches(run_shards, reference, tmp_path):
     out = tmp_path / "run"
-    res = _launch(_args(toy_shards, out), fault="TERM:1:1:3")
+    res = _launch(_args(run_shards, out), fault="TERM:1:1:3")
     assert res.returncode == 143, res.stderr[-3000:]
     # Only rank 1 got the signal; both stopped after the same step (3 is inside the 2nd optimizer
     # step of gradient accumulation 2, so both stop once micro-step 4 is done) and rank 0 says so.
@@ -190,17 +183,17 @@ def test_sigterm_on_one_rank_checkpoints_mid_epoch_then_resume_matches(toy_shard
     info = json.loads((ckpt / tag / "COMPLETE").read_text())
     assert info["world_size"] == 2 and info["tag"] == tag
     assert [l["epoch"] for l in _metrics(out) if l["phase"] == "fft"] == [0]
-    res = check(_launch(_args(toy_shards, out, "--resume")))
+    res = check(_launch(_args(run_shards, out, "--resume")))
     assert "at epoch 1, step 4" in " ".join(res.stderr.split())  # rich wraps long log lines
     assert [l.get("resumed_at_step") for l in _metrics(out) if l["phase"] == "fft"] == [None, 4]
     _assert_same_run(reference, out)
 
 
-def test_sigterm_to_the_whole_job_like_slurm_checkpoints_and_resumes(toy_shards, reference, tmp_path):
+def test_sigterm_to_the_whole_job_like_slurm_checkpoints_and_resumes(run_shards, reference, tmp_path):
     """Slurm signals every process of the step: the launcher too, which sends each rank a second
     SIGTERM of its own at once. The checkpoint must survive the repeat."""
     out = tmp_path / "run"
-    cmd = deepspeed_cmd(_args(toy_shards, out))
+    cmd = deepspeed_cmd(_args(run_shards, out))
     cmd[cmd.index("turnctl")] = str(SCRIPT)
     # 0.5 s per micro-step from epoch 1 on: a window of ~4 s inside that epoch for the signal.
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=cpu_env({"TURNCTL_TEST_FAULT": "SLOW:*:1:0"}),
@@ -220,15 +213,15 @@ def test_sigterm_to_the_whole_job_like_slurm_checkpoints_and_resumes(toy_shards,
     assert tag.startswith("epoch_0001_step_"), (tag, err[-3000:])
     assert (ckpt / tag / "COMPLETE").is_file()
     assert "turnctl: stopped: stopped by a signal at fine-tuning epoch 1" in err
-    check(_launch(_args(toy_shards, out, "--resume")))
+    check(_launch(_args(run_shards, out, "--resume")))
     _assert_same_run(reference, out)
 
 
-def test_resume_refuses_other_world_sizes_and_incomplete_checkpoints(toy_shards, reference, tmp_path):
+def test_resume_refuses_other_world_sizes_and_incomplete_checkpoints(run_shards, reference, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(reference, out)
     # Written by 2 ranks, resumed by 1: ZeRO's optimizer shards do not fit; say so before any work.
-    res = run(turnctl_cmd(_args(toy_shards, out, "--resume")), timeout=120)
+    res = run(turnctl_cmd(_args(run_shards, out, "--resume")), timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert "written by 2 ranks, resumed with 1" in last and str(out / "checkpoints" / "epoch_0001") in last
@@ -236,7 +229,7 @@ def test_resume_refuses_other_world_sizes_and_incomplete_checkpoints(toy_shards,
     # rank 0 checks, and every rank stops with its message (none waits for the timeout).
     (out / "checkpoints" / "epoch_0001" / "COMPLETE").unlink()
     t0 = time.time()
-    res = run(deepspeed_cmd(_args(toy_shards, out, "--resume")), timeout=120)
+    res = run(deepspeed_cmd(_args(run_shards, out, "--resume")), timeout=120)
     assert res.returncode == 2
     errors = [l for l in res.stderr.splitlines() if "turnctl: error:" in l]
     # (the launcher kills the other rank as soon as one exits non-zero: it may not get to print)

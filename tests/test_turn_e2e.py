@@ -1,4 +1,4 @@
-"""TURN end to end with the `tiny` recipe on two CPU ranks (ZeRO-2 and ZeRO-3), eval, resume."""
+"""TURN end to end with the `tiny` recipe on two CPU ranks (ZeRO-2 and ZeRO-3), eval, --stop-after."""
 
 import json
 from pathlib import Path
@@ -11,13 +11,6 @@ from launch import check, deepspeed_cmd, last_json, run, turnctl_cmd
 pytestmark = pytest.mark.multirank
 
 NUM_CLASSES = 4
-
-
-@pytest.fixture(scope="module")
-def toy_shards(tmp_path_factory):
-    from shardgen import write_run_shards
-
-    return write_run_shards(tmp_path_factory.mktemp("shards") / "toy")
 
 
 def _train(shards, out, *extra, stage=2, timeout=420):
@@ -57,20 +50,13 @@ def _check_run(run_dir, num_train):
     return lines
 
 
-@pytest.fixture(scope="module")
-def zero2_run(toy_shards, tmp_path_factory):
-    """One uninterrupted ZeRO-2 run, shared by the end-to-end and the resume tests."""
-    out = tmp_path_factory.mktemp("z2") / "run"
-    return out, last_json(_train(toy_shards, out, stage=2).stdout)
-
-
 @pytest.mark.parametrize("stage", [2, 3])
-def test_turn_two_ranks_then_eval_reproduces_the_last_accuracy(toy_shards, zero2_run, tmp_path, stage):
+def test_turn_two_ranks_then_eval_reproduces_the_last_accuracy(run_shards, tiny_reference_run, tmp_path, stage):
     if stage == 2:
-        out, result = zero2_run
+        out, result = tiny_reference_run  # conftest: ZeRO-2, shared with the fault tests
     else:
         out = tmp_path / f"run-z{stage}"
-        result = last_json(_train(toy_shards, out, stage=stage).stdout)
+        result = last_json(_train(run_shards, out, stage=stage).stdout)
     lines = _check_run(out, 117)
     assert result["test_accuracy"]["last"] == pytest.approx(lines[-1]["test_accuracy"])
     ev = last_json(check(run(turnctl_cmd(["eval", "--checkpoint", str(out / "final"), "--json"]),
@@ -78,34 +64,21 @@ def test_turn_two_ranks_then_eval_reproduces_the_last_accuracy(toy_shards, zero2
     assert ev["accuracy"] == pytest.approx(lines[-1]["test_accuracy"], abs=1e-6)
 
 
-def test_resume_after_first_epoch_matches_uninterrupted(toy_shards, zero2_run, tmp_path):
-    full = zero2_run[0]
-    part = tmp_path / "part"
-    stopped = last_json(_train(toy_shards, part, "--stop-after", "0").stdout)
-    assert stopped["stopped_after_epoch"] == 0
-    assert not (part / "selection" / "epoch_1.npz").exists()
-    _train(toy_shards, part, "--resume")
-    for e in (0, 1):
-        a = np.load(full / "selection" / f"epoch_{e}.npz")
-        b = np.load(part / "selection" / f"epoch_{e}.npz")
-        assert np.array_equal(a["selected"], b["selected"])
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
-    fa, fb = _metrics(full)[-1], _metrics(part)[-1]
-    assert fa["test_accuracy"] == pytest.approx(fb["test_accuracy"])
-    assert fa["train_loss"] == pytest.approx(fb["train_loss"], rel=1e-5)
-
-
-def test_resume_refuses_a_different_recipe(toy_shards, tmp_path):
+def test_stop_after_then_resume_refuses_a_different_recipe(run_shards, tmp_path):
+    # Resuming with the same recipe and ending where an uninterrupted run ends: tests/test_faults.py.
     out = tmp_path / "r"
-    _train(toy_shards, out, "--stop-after", "0")
-    res = run(turnctl_cmd(["train", "--recipe", "tiny", "--shards", str(toy_shards), "--out", str(out),
+    stopped = last_json(_train(run_shards, out, "--stop-after", "0").stdout)
+    assert stopped["stopped_after_epoch"] == 0
+    assert (out / "selection" / "epoch_0.npz").is_file() and not (out / "selection" / "epoch_1.npz").exists()
+    assert (out / "checkpoints" / "latest").read_text() == "epoch_0000"
+    res = run(turnctl_cmd(["train", "--recipe", "tiny", "--shards", str(run_shards), "--out", str(out),
                            "--resume", "--set", "finetune.lr=0.5"]), timeout=120)
     assert res.returncode == 2
     assert "recipe differs" in res.stderr
 
 
-def test_num_classes_mismatch_is_a_clear_error(toy_shards, tmp_path):
-    res = run(turnctl_cmd(["train", "--recipe", "tiny", "--shards", str(toy_shards), "--out", str(tmp_path / "x"),
+def test_num_classes_mismatch_is_a_clear_error(run_shards, tmp_path):
+    res = run(turnctl_cmd(["train", "--recipe", "tiny", "--shards", str(run_shards), "--out", str(tmp_path / "x"),
                            "--set", "data.num_classes=7"]), timeout=120)
     assert res.returncode == 2
     assert "data.num_classes=7 but the shards" in res.stderr
