@@ -165,7 +165,8 @@ class FineTuner:
         loss_sum = torch.tensor(carried[0], dtype=torch.float64, device=self.device)
         seen = int(carried[2])
         interrupted = None
-        base_seed = (seed * 1_000_003 + dist.rank() * 7_919) % (2**63)
+        # Distinct for every (seed, rank, step) below a million steps per epoch.
+        base_seed = ((seed * 1_000_003 + dist.rank()) * 1_000_003) % (2**62)
         batches = track(loader, f"fine-tune epoch {epoch}", total=steps)
         for step, batch in enumerate(batches):
             # Any randomness of the model (dropout, drop-path) is a function of (seed, rank, step),
