@@ -278,7 +278,7 @@ class FineTuner:
             return None
         from turnctl.safeload import guard_deepspeed_engine
 
-        # DeepSpeed reads its files with torch.load(weights_only=False): a planted pickle would run
+        # DeepSpeed reads its files with torch.load and weights_only=False: a planted pickle would run
         # code here. Guarded, every file is read with weights_only=True; a refusal is a TurnctlError.
         guard_deepspeed_engine(self.engine)
         path, client = self.engine.load_checkpoint(str(root), load_optimizer_states=True,

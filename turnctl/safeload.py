@@ -267,7 +267,7 @@ def guard_deepspeed_engine(engine) -> None:
 
     All of DeepSpeed's own checkpoint reads (model states through ``SDLoaderFactory``, ZeRO and
     plain optimizer states) go through ``engine.checkpoint_engine.load``, whose stock version is
-    ``torch.load(weights_only=False)``; the instance attribute shadows it. Universal checkpoints
+    ``torch.load`` with ``weights_only=False``; the instance attribute shadows it. Universal checkpoints
     are read by the optimizers with ``torch.load`` directly, so they are refused outright.
     """
     if engine.load_universal_checkpoint():
@@ -294,7 +294,7 @@ class _TorchWithSafeLoad(types.ModuleType):
 
 @contextlib.contextmanager
 def safe_zero_to_fp32() -> Iterator[types.ModuleType]:
-    """``deepspeed.utils.zero_to_fp32`` with its ``torch.load(weights_only=False)`` calls made safe.
+    """``deepspeed.utils.zero_to_fp32`` with its ``torch.load`` calls (``weights_only=False``) made safe.
 
     The module calls ``torch.load`` on its module-level ``torch``; only that name is rebound, for
     the duration of the block, so nothing else in the process changes::
