@@ -105,28 +105,31 @@ def _stopped(pid):
         return False
 
 
-def _finish(procs):
-    outs = []
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, 9)
-        outs.append(p.communicate())
-    return outs
+def _survivor(procs, fault_seen, what, limit):
+    """Wait until rank 1's fault is visible (``fault_seen()``), then for rank 0 to exit within
+    ``limit`` seconds. Returns (seconds rank 0 took after the fault, rank 0's stderr, its last line);
+    every process is gone afterwards, whatever happened."""
+    try:
+        t_fault = _wait_for(fault_seen, 240, what)
+        _wait_for(lambda: procs[0].poll() is not None, limit, "rank 0 to fail")
+        waited = time.time() - t_fault
+    finally:
+        outs = []
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+            outs.append(p.communicate())
+    err0 = outs[0][1]
+    assert procs[0].returncode == 1, err0[-3000:]
+    assert "Traceback" not in err0
+    return waited, err0, err0.strip().splitlines()[-1]
 
 
 def test_a_killed_rank_fails_the_other_at_once(run_shards, tmp_path):
     procs = _spawn_ranks(_args(run_shards, tmp_path / "run"), "KILL:1:0:3")
-    try:
-        t_dead = _wait_for(lambda: procs[1].poll() is not None, 240, "rank 1 to die")
-        assert procs[1].returncode == -9
-        _wait_for(lambda: procs[0].poll() is not None, 60, "rank 0 to fail")
-        waited = time.time() - t_dead
-    finally:
-        (_, err0), _ = _finish(procs)
-    assert procs[0].returncode == 1, err0[-3000:]
-    last = err0.strip().splitlines()[-1]
+    waited, _, last = _survivor(procs, lambda: procs[1].poll() is not None, "rank 1 to die", 60)
+    assert procs[1].returncode == -9
     assert last.startswith("turnctl: error: another rank died ("), last
-    assert "Traceback" not in err0
     # A dead peer closes its sockets: no waiting for the timeout (5 min in this recipe).
     assert waited < 30, waited
 
@@ -134,14 +137,7 @@ def test_a_killed_rank_fails_the_other_at_once(run_shards, tmp_path):
 def test_a_hung_rank_fails_the_other_within_the_timeout(run_shards, tmp_path):
     procs = _spawn_ranks(_args(run_shards, tmp_path / "run", "--set", f"deepspeed.timeout_minutes={TIMEOUT_MIN}"),
                          "STOP:1:0:3")
-    try:
-        t_hung = _wait_for(lambda: _stopped(procs[1].pid), 240, "rank 1 to stop")
-        _wait_for(lambda: procs[0].poll() is not None, TIMEOUT_MIN * 60 + 45, "rank 0 to time out")
-        waited = time.time() - t_hung
-    finally:
-        (_, err0), _ = _finish(procs)
-    assert procs[0].returncode == 1, err0[-3000:]
-    last = err0.strip().splitlines()[-1]
+    waited, _, last = _survivor(procs, lambda: _stopped(procs[1].pid), "rank 1 to stop", TIMEOUT_MIN * 60 + 45)
     assert last.startswith("turnctl: error: a collective timed out (Timed out waiting 15000ms"), last
     assert "deepspeed.timeout_minutes" in last
     # Rank 0 may have entered the collective a little before rank 1 stopped (they sync every

@@ -67,13 +67,13 @@ def _say_error(prefix: str, message: str) -> None:
     sys.stderr.flush()
 
 
-_PEER_LOST = {"value": False}  # set by run(): main() must not tear down a broken process group
+_LEAVE_AT_ONCE = {"value": False}  # set by run() when a peer is lost: main() must not tear down the group
 
 
 def run(argv: Optional[List[str]] = None) -> int:
     """Run the CLI and return its exit status (what tests call)."""
     debug = os.environ.get("TURNCTL_DEBUG", "") not in ("", "0")
-    _PEER_LOST["value"] = False
+    _LEAVE_AT_ONCE["value"] = False
     try:
         cli.main(args=argv, prog_name="turnctl", standalone_mode=False)
         return 0
@@ -99,7 +99,7 @@ def run(argv: Optional[List[str]] = None) -> int:
             if debug:
                 traceback.print_exc()
             _say_error("error: ", peer)
-            _PEER_LOST["value"] = True
+            _LEAVE_AT_ONCE["value"] = True
             return 1
         if debug:
             traceback.print_exc()
@@ -108,13 +108,13 @@ def run(argv: Optional[List[str]] = None) -> int:
             _say_error("internal error: ", f"{type(exc).__name__}: {exc} (rerun with TURNCTL_DEBUG=1 for the traceback)")
         return 1
     finally:
-        if not _PEER_LOST["value"]:
+        if not _LEAVE_AT_ONCE["value"]:
             destroy()
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     code = run(argv)
-    if _PEER_LOST["value"]:
+    if _LEAVE_AT_ONCE["value"]:
         # The process group lost a peer: destroying it, or letting the interpreter tear down its
         # threads, can abort ("terminate called without an active exception", SIGABRT) and replace
         # the exit status and the one-line message with a core dump. Leave at once instead.

@@ -82,7 +82,7 @@ def destroy() -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-        _unlink_deepspeed_shm()
+        release_node_resources()
 
 
 def deepspeed_shm_path(rank: int) -> Optional[str]:
@@ -100,11 +100,8 @@ def deepspeed_shm_path(rank: int) -> Optional[str]:
 
 
 def release_node_resources() -> None:
-    """What must not outlive this process even when it exits without tearing anything down."""
-    _unlink_deepspeed_shm()
-
-
-def _unlink_deepspeed_shm() -> None:
+    """What must not outlive this process, also when it exits without tearing anything down: this
+    rank's DeepSpeed shared-memory buffer."""
     # Every peer mapped this buffer when the process group was created; unlinking the name at the
     # end leaves their mappings valid and returns the memory once the last one exits.
     path = deepspeed_shm_path(env_rank())

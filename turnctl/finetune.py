@@ -161,9 +161,9 @@ class FineTuner:
         t0 = time.time()
         # On resume, rank 0 carries the sums of the steps done before the interruption (already
         # summed over ranks), so the all-reduce below gives the whole epoch's figures.
-        carried = [float(v) for v in partial] if partial is not None and dist.rank() == 0 else [0.0] * 3
-        loss_sum = torch.tensor(carried[0], dtype=torch.float64, device=self.device)
-        seen = int(carried[2])
+        carried_loss, carried_seen = (float(partial[0]), int(partial[1])) if partial and dist.rank() == 0 else (0.0, 0)
+        loss_sum = torch.tensor(carried_loss, dtype=torch.float64, device=self.device)
+        seen = carried_seen
         interrupted = None
         # Distinct for every (seed, rank, step) below a million steps per epoch.
         base_seed = ((seed * 1_000_003 + dist.rank()) * 1_000_003) % (2**62)
@@ -217,8 +217,8 @@ class FineTuner:
         if start_step:
             out["resumed_at_step"] = start_step
         if interrupted is not None:
-            # loss sum, (micro-steps x ranks), samples: what a resumed epoch starts from.
-            out.update(interrupted_at_step=interrupted, partial=[float(stats[0]), float(stats[1]), float(stats[2])])
+            # (loss sum, samples) over all ranks so far: what a resumed epoch starts from.
+            out.update(interrupted_at_step=interrupted, partial=[float(stats[0]), float(stats[2])])
         return out
 
     def _check_step(self, per_sample: torch.Tensor, batch, epoch: int, step: int, stop) -> bool:
@@ -272,16 +272,14 @@ class FineTuner:
         dist.barrier()
         return tag
 
-    def load_checkpoint(self, root: Path) -> Optional[Dict[str, Any]]:
-        """Restore engine, optimizer and schedule state from the latest checkpoint under ``root``."""
-        if not (Path(root) / "latest").is_file():
-            return None
+    def load_checkpoint(self, root: Path, tag: str) -> Dict[str, Any]:
+        """Restore engine, optimizer and schedule state from ``root/tag`` (see :func:`check_resumable`)."""
         from turnctl.safeload import guard_deepspeed_engine
 
         # DeepSpeed reads its files with torch.load and weights_only=False: a planted pickle would run
         # code here. Guarded, every file is read with weights_only=True; a refusal is a TurnctlError.
         guard_deepspeed_engine(self.engine)
-        path, client = self.engine.load_checkpoint(str(root), load_optimizer_states=True,
+        path, client = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
         if path is None:
             raise TurnctlError(f"could not load the DeepSpeed checkpoint under {root}")

@@ -125,7 +125,7 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         # run_on_main: a refused checkpoint stops every rank with rank 0's message.
         tag = dist.run_on_main(lambda: check_resumable(run.checkpoints, world_size=dist.world_size()),
                                what="checking the checkpoint to resume")
-        client = tuner.load_checkpoint(run.checkpoints) if tag is not None else None
+        client = tuner.load_checkpoint(run.checkpoints, tag) if tag is not None else None
         if client is not None:
             start_epoch = int(client["epoch"])
             best = client.get("best", best)

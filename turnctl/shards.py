@@ -195,8 +195,9 @@ def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> S
         if not p.is_file():
             raise DataError(f"{p}: shard listed in manifest.json is missing; re-run `turnctl prepare`")
         want_bytes = shards_meta[name].get("bytes")  # absent in older manifests: no check
-        if want_bytes is not None and p.stat().st_size != int(want_bytes):
-            raise DataError(f"{p}: {p.stat().st_size} bytes but manifest.json says {want_bytes}; the shard is "
+        have_bytes = p.stat().st_size
+        if want_bytes is not None and have_bytes != int(want_bytes):
+            raise DataError(f"{p}: {have_bytes} bytes but manifest.json says {want_bytes}; the shard is "
                             "truncated or replaced (an interrupted copy?); copy it again or re-run `turnctl prepare`")
         if name not in sizes:
             raise DataError(f"{spath}: no entry for {name}")
