@@ -34,12 +34,12 @@ def _rate(r: Optional[float]) -> str:
 @click.option("--root", type=click.Path(), default=None,
               help="Raw dataset folder. Default: $TURNCTL_DATA/<dataset>, else ./data/<dataset>.")
 @click.option("--out", type=click.Path(), default=None,
-              help="Output folder. Default: shards/<dataset>[-<noise slug>].")
+              help="Output folder. Default: shards/<dataset>[-<noise slug>][-val<F>].")
 @click.option("--noise", "noise", metavar="SPEC", default=None,
               help="none | symmetric:R[:include|exclude] (default convention: "
                    f"{SYMMETRIC_DEFAULT}, i.e. the new label may equal the true one) | "
                    "asymmetric:R[:superclass] | instance:R | human:NAME (with --labels) | file:CSV.")
-@click.option("--noise-seed", type=int, default=0, show_default=True, help="Seed of the noise generator.")
+@click.option("--noise-seed", type=int, default=0, show_default=True, help="Seed of the noise generator and of the --val-fraction hold-out.")
 @click.option("--labels", "labels", type=click.Path(), default=None,
               help="CIFAR-N label file (CIFAR-10_human.pt / CIFAR-100_human.pt) for --noise human:NAME.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,
@@ -51,23 +51,41 @@ def _rate(r: Optional[float]) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new one is complete).")
 @click.option("--classes", type=click.IntRange(min=1), default=None,
               help="webvision only: keep the first N classes, Google part (mini-WebVision: 50).")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
+              help="Hold out this fraction of train as the val split, stratified on the given (noised) labels "
+                   "and seeded by --noise-seed; its labels are the given ones. Replaces the val split turnctl "
+                   "draws for digits/cifar/fashion-mnist; refused where the dataset has its own (clothing1m, "
+                   "an imagefolder with val/). 0: no hold-out.")
+@click.option("--labels-verified", is_flag=True,
+              help="imagefolder only: the folder labels are verified true labels, so they are written as "
+                   "clean.cls (purity, recall and true_label are measured against them). Without it an "
+                   "imagefolder has no true labels.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 def command(dataset: str, root: Optional[str], out: Optional[str], noise: Optional[str], noise_seed: int,
             labels: Optional[str], shard_size: int, max_side: Optional[int], workers: Optional[int],
-            overwrite: bool, classes: Optional[int], as_json: bool) -> None:
+            overwrite: bool, classes: Optional[int], val_fraction: float, labels_verified: bool,
+            as_json: bool) -> None:
     """Write DATASET as WebDataset shards with reproducible label noise.
 
     \b
     The test split is never noised; val gets the same noise as train.
+    True labels (clean.cls, used for purity/recall/true_label) only where known:
+      digits        official labels, every split
+      cifar10/100   official labels, every split (CIFAR-N agrees)
+      fashion-mnist official labels, every split
+      clothing1m    clean_label_kv.txt: listed train samples, all val/test
+      webvision     test only (annotated val set), none for train
+      imagefolder   none, unless --labels-verified
     Examples:
       turnctl prepare digits --noise symmetric:0.6      -> shards/digits-symmetric-0.6
       turnctl prepare cifar100 --noise asymmetric:0.4
       turnctl prepare cifar10 --noise human:worse --labels CIFAR-10_human.pt
       turnctl prepare webvision --classes 50 --max-side 256
+      turnctl prepare imagefolder --root my_data --val-fraction 0.05
     """
     result = prepare_dataset(dataset, root=root, out=out, noise=noise, noise_seed=noise_seed, labels=labels,
                              shard_size=shard_size, max_side=max_side, workers=workers, overwrite=overwrite,
-                             classes=classes)
+                             classes=classes, val_fraction=val_fraction, labels_verified=labels_verified)
     summary = _summary(result)
     if as_json:
         emit_json(summary)

@@ -9,6 +9,7 @@ Data flow (one module per step)::
     noise                     seeded generators: symmetric, asymmetric, instance, + rates/matrices
     images                    image bytes (PNG for arrays; files verified, kept, or shrunk)
     writer                    deterministic tar shards, temp names, <out>.partial-<pid> -> <out>
+    valsplit                  --val-fraction: a val split held out of the noised train split
     pipeline                  prepare_dataset(): all of the above, manifest.json written last
 
     >>> from turnctl.prepare import prepare_dataset

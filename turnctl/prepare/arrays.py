@@ -23,7 +23,7 @@ from typing import Tuple
 import numpy as np
 
 from turnctl.errors import DataError
-from turnctl.prepare.source import SPLIT_SEED, Source, Split, check_range, stratified_holdout
+from turnctl.prepare.source import SPLIT_SEED, TRUSTED_LABELS, Source, Split, check_range, stratified_holdout
 
 DIGITS_FRACTIONS = {"val": 0.10, "test": 0.20}
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -62,7 +62,8 @@ def load_digits_source() -> Source:
     info = {"origin": "sklearn.datasets.load_digits", "pixels": "0..16 scaled to 0..255",
             "split": {"fractions": DIGITS_FRACTIONS, "stratified": True, "seed": SPLIT_SEED},
             "keys": "digits_<index in load_digits()>"}
-    return Source("digits", [str(d) for d in range(10)], splits, info)
+    return Source("digits", [str(d) for d in range(10)], splits, info, builtin_val=True,
+                  clean_labels=TRUSTED_LABELS)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -122,4 +123,4 @@ def load_fashion_mnist(root: Path) -> Source:
                                "positions": parts["val"].tolist()}}
     return Source("fashion-mnist", list(FASHION_CLASSES),
                   {"train": official.take(parts["rest"], "train"), "val": official.take(parts["val"], "val"),
-                   "test": test}, info)
+                   "test": test}, info, builtin_val=True, clean_labels=TRUSTED_LABELS)

@@ -21,7 +21,9 @@ import numpy as np
 from turnctl.errors import DataError
 from turnctl.logger import log
 from turnctl.safeload import load_pickle_file
-from turnctl.prepare.source import SPLIT_SEED, Source, Split, check_range, require_file, stratified_holdout
+from turnctl.prepare.source import (
+    SPLIT_SEED, TRUSTED_LABELS, Source, Split, check_range, require_file, stratified_holdout,
+)
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 VAL_FRACTION = 2500 / 50000
@@ -170,4 +172,4 @@ def load_cifar(root: Path, *, dataset: str) -> Source:
         info["coarse_class_names"] = raw["coarse_names"]
     return Source(dataset, raw["names"], {"train": official.take(parts["rest"], "train"),
                                           "val": official.take(parts["val"], "val"), "test": test},
-                  info, asymmetric_family=dataset)
+                  info, asymmetric_family=dataset, builtin_val=True, clean_labels=TRUSTED_LABELS)

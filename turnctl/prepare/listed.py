@@ -5,7 +5,7 @@ written. Each split is written in a seeded shuffled order (``ORDER_SEED``) becau
 lists are sorted by class, and equal-size shards should each mix all classes. Keys are the
 image path relative to the dataset root with dots and slashes replaced by '_'.
 
-Clothing1M (DESIGN.md §6): train = ``noisy_train_key_list.txt`` labelled by ``noisy_label_kv.txt``
+Clothing1M: train = ``noisy_train_key_list.txt`` labelled by ``noisy_label_kv.txt``
 (true label from ``clean_label_kv.txt`` where the key has one); val / test = ``clean_val_key_list``
 / ``clean_test_key_list`` labelled by ``clean_label_kv.txt``. Annotation files are looked up in
 ``<root>/annotations/`` and then ``<root>/``; image paths are relative to ``<root>``.
@@ -29,6 +29,15 @@ from turnctl.prepare.images import IMAGE_EXTENSIONS
 from turnctl.prepare.source import (
     ORDER_SEED, SPLITS, Source, Split, check_range, check_unique, require_file, sanitize_key, shuffled,
 )
+
+# Where each dataset's true labels come from (recorded in the manifest as ``clean_labels``).
+CLOTHING_CLEAN = ("clean_label_kv.txt: the training samples listed there (per sample; the rest unknown) "
+                  "and every val and test sample (their given labels are these clean ones)")
+WEBVISION_CLEAN = ("test only (WebVision's human-annotated val set; its given labels are the true ones); "
+                   "none for train (web query labels)")
+IMAGEFOLDER_VERIFIED = "the folder labels, declared verified by --labels-verified"
+IMAGEFOLDER_UNVERIFIED = ("none: folder labels are given labels, not known to be true "
+                          "(--labels-verified declares them verified)")
 
 CLOTHING_CLASSES = ["T-Shirt", "Shirt", "Knitwear", "Chiffon", "Sweater", "Hoodie", "Windbreaker", "Jacket",
                     "Downcoat", "Suit", "Shawl", "Dress", "Vest", "Underwear"]
@@ -112,7 +121,7 @@ def load_clothing1m(root: Path) -> Source:
             "train_with_clean_label": known,
             "keys": "image path relative to the root, '.' and '/' replaced by '_'"}
     log.info("clothing1m: %d of %d noisy training images also have a clean label", known, len(splits["train"]))
-    return Source("clothing1m", class_names, splits, info)
+    return Source("clothing1m", class_names, splits, info, clean_labels=CLOTHING_CLEAN)
 
 
 # -- WebVision ------------------------------------------------------------------------------------
@@ -157,13 +166,18 @@ def load_webvision(root: Path, *, classes: Optional[int] = None) -> Source:
             "test_images": val_dir, "classes": num_classes, "google_only": classes is not None,
             "order": f"shuffled (seed {ORDER_SEED})", "class_names": "WordNet ids from info/synsets.txt",
             "keys": "image path relative to the root, '.' and '/' replaced by '_'"}
-    return Source("webvision", synsets, splits, info)
+    return Source("webvision", synsets, splits, info, clean_labels=WEBVISION_CLEAN)
 
 
 # -- ImageFolder ----------------------------------------------------------------------------------
 
-def load_imagefolder(root: Path) -> Source:
-    """``<root>/<split>/<class>/<file>`` for the splits present among train / val / test."""
+def load_imagefolder(root: Path, *, labels_verified: bool = False) -> Source:
+    """``<root>/<split>/<class>/<file>`` for the splits present among train / val / test.
+
+    The folder labels are the given labels. They count as true labels (``clean``) only when the
+    user says they are verified (``labels_verified``): a user's own data may be noisy itself, and
+    purity or recall measured against unverified labels would mean nothing.
+    """
     root = Path(root)
     present = [s for s in SPLITS if (root / s).is_dir()]
     if not present:
@@ -193,7 +207,7 @@ def load_imagefolder(root: Path) -> Source:
         if not paths:
             log.warning("imagefolder: %s has no images; the split is left out", root / s)
             continue
-        splits[s] = _make_split(s, root, paths, labels, labels, where=str(root / s))
+        splits[s] = _make_split(s, root, paths, labels, labels if labels_verified else None, where=str(root / s))
     if not splits:
         raise DataError(f"imagefolder: no image files under {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
     if ignored:
@@ -203,4 +217,5 @@ def load_imagefolder(root: Path) -> Source:
             "keys": "image path relative to the root, '.' and '/' replaced by '_'"}
     for s in splits.values():
         check_range(s.labels, num_classes=len(class_names), where=str(root))
-    return Source("imagefolder", class_names, splits, info)
+    return Source("imagefolder", class_names, splits, info,
+                  clean_labels=IMAGEFOLDER_VERIFIED if labels_verified else IMAGEFOLDER_UNVERIFIED)

@@ -5,14 +5,22 @@
     (1258, 'include')
 
 Noise is drawn once over train + val together (the same process for both, so val measures what
-the training labels look like); the test split keeps its true labels. The noise is a function of
+the training labels look like); the test split keeps its true labels. With ``--val-fraction`` the
+val split is instead held out of the noised train split (``valsplit``). The noise is a function of
 (dataset, spec, seed) only: neither ``--workers`` nor ``--shard-size`` changes a label or a byte of
 an image.
+
+True labels (``clean.cls``) are written only where they are known (``Source.clean_labels`` says
+where they come from, recorded as the manifest's ``clean_labels``): the official labels of curated
+benchmarks (digits, CIFAR, Fashion-MNIST; CIFAR-N's files agree with them), Clothing1M's clean
+annotations, WebVision's annotated val set (our test split), and an ImageFolder's folder labels only
+with ``--labels-verified``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import functools
 import multiprocessing
@@ -27,7 +35,7 @@ import numpy as np
 from turnctl import __version__
 from turnctl.errors import DataError, TurnctlError
 from turnctl.logger import log, track
-from turnctl.prepare import images, noise as nz
+from turnctl.prepare import images, noise as nz, valsplit
 from turnctl.prepare.labels import load_csv_labels, load_human_labels
 from turnctl.prepare.source import Source, Split
 from turnctl.prepare.writer import SplitWriter, check_out, commit_dir, staging_dir, write_json
@@ -62,20 +70,25 @@ def default_root(dataset: str) -> Optional[Path]:
     return local
 
 
-def default_out(dataset: str, spec: nz.NoiseSpec, *, classes: Optional[int] = None) -> Path:
-    """``shards/<dataset>[-<noise slug>]`` (``webvision<N>`` with ``--classes N``).
+def default_out(dataset: str, spec: nz.NoiseSpec, *, classes: Optional[int] = None, val_fraction: float = 0.0
+                ) -> Path:
+    """``shards/<dataset>[-<noise slug>][-val<F>]`` (``webvision<N>`` with ``--classes N``).
 
     >>> str(default_out("digits", nz.parse_spec("symmetric:0.6")))
     'shards/digits-symmetric-0.6'
     >>> str(default_out("cifar10", nz.parse_spec("human:worse")))
     'shards/cifar10-human-worse'
+    >>> str(default_out("webvision", nz.parse_spec(None), val_fraction=0.02))
+    'shards/webvision-val0.02'
     """
     name = f"{dataset}{classes}" if classes is not None else dataset
-    return Path("shards") / (f"{name}-{spec.slug}" if spec.slug else name)
+    name = f"{name}-{spec.slug}" if spec.slug else name
+    return Path("shards") / (f"{name}-val{val_fraction:g}" if val_fraction else name)
 
 
-def load_source(dataset: str, root: Optional[Path], *, classes: Optional[int] = None) -> Source:
-    """Parse the raw layout of ``dataset`` under ``root``."""
+def load_source(dataset: str, root: Optional[Path], *, classes: Optional[int] = None,
+                labels_verified: bool = False) -> Source:
+    """Parse the raw layout of ``dataset`` under ``root`` (``labels_verified``: imagefolder only)."""
     if dataset in ("cifar10", "cifar100"):
         from turnctl.prepare.cifar import load_cifar
         return load_cifar(root, dataset=dataset)
@@ -91,7 +104,7 @@ def load_source(dataset: str, root: Optional[Path], *, classes: Optional[int] = 
     if dataset == "webvision":
         return listed.load_webvision(root, classes=classes)
     if dataset == "imagefolder":
-        return listed.load_imagefolder(root)
+        return listed.load_imagefolder(root, labels_verified=labels_verified)
     raise TurnctlError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
 
 
@@ -242,27 +255,39 @@ def apply_noise(source: Source, spec: nz.NoiseSpec, *, seed: int, labels_file: O
 
 # -- writing --------------------------------------------------------------------------------------
 
-def _write_split(split: Split, given: np.ndarray, directory: Path, *, shard_size: int, max_side: Optional[int],
-                 pool: Any) -> Tuple[List[Dict[str, Any]], np.ndarray, List[Dict[str, str]]]:
-    writer = SplitWriter(directory, split.name, shard_size=shard_size)
+def _readable(split: Split, *, max_side: Optional[int], pool: Any, skipped: List[Dict[str, str]]
+              ) -> Iterator[Tuple[int, str, bytes]]:
+    """(position, ext, bytes) of every readable image of ``split`` in order; unreadable ones are
+    appended to ``skipped``."""
     load = functools.partial(images.load_sample, max_side=max_side)
-    kept: List[int] = []
-    skipped: List[Dict[str, str]] = []
     results = _ordered_map(pool, load, split.images, len(split))
     for i, (ext, payload) in enumerate(track(results, f"writing {split.name}", total=len(split))):
         if ext is None:
             skipped.append({"key": split.keys[i], "path": str(split.images[i]), "reason": payload})
             log.debug("skipping unreadable %s: %s", split.images[i], payload)
             continue
+        yield i, ext, payload
+
+
+def _check_skipped(split: Split, skipped: List[Dict[str, str]], written: int) -> None:
+    if skipped:
+        log.warning("%s: skipped %d unreadable image%s (first: %s: %s)", split.name, len(skipped),
+                    "s" if len(skipped) > 1 else "", skipped[0]["path"], skipped[0]["reason"])
+    if written == 0:
+        raise DataError(f"{split.name}: no readable image (first failure: {skipped[0]['path']}: {skipped[0]['reason']})")
+
+
+def _write_split(split: Split, given: np.ndarray, directory: Path, *, shard_size: int, max_side: Optional[int],
+                 pool: Any) -> Tuple[List[Dict[str, Any]], np.ndarray, List[Dict[str, str]]]:
+    writer = SplitWriter(directory, split.name, shard_size=shard_size)
+    kept: List[int] = []
+    skipped: List[Dict[str, str]] = []
+    for i, ext, payload in _readable(split, max_side=max_side, pool=pool, skipped=skipped):
         clean = None if split.clean is None else int(split.clean[i])
         writer.add(split.keys[i], ext, payload, idx=writer.count, label=int(given[i]), clean=clean)
         kept.append(i)
     shards = writer.close()
-    if skipped:
-        log.warning("%s: skipped %d unreadable image%s (first: %s: %s)", split.name, len(skipped),
-                    "s" if len(skipped) > 1 else "", skipped[0]["path"], skipped[0]["reason"])
-    if writer.count == 0:
-        raise DataError(f"{split.name}: no readable image (first failure: {skipped[0]['path']}: {skipped[0]['reason']})")
+    _check_skipped(split, skipped, writer.count)
     return shards, np.asarray(kept, dtype=np.int64), skipped
 
 
@@ -315,12 +340,95 @@ def _noise_summary(record: Dict[str, Any], source: Source, given: Dict[str, np.n
     return out
 
 
+@dataclasses.dataclass
+class _Written:
+    """One split as it went to disk: the samples in idx order, their given labels, shards, skips."""
+
+    split: Split
+    given: np.ndarray
+    kept: np.ndarray  # positions in ``split`` that were written (unreadable ones are skipped)
+    shards: List[Dict[str, Any]]
+    skipped: List[Dict[str, str]]
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # more fields for splits.<name>
+
+
+def _write_held_out(split: Split, given: np.ndarray, directory: Path, *, shard_size: int, max_side: Optional[int],
+                    pool: Any, val_fraction: float, holdout_seed: int, folded: int) -> List[_Written]:
+    """Train and the val split held out of it (turnctl/prepare/valsplit.py)."""
+    skipped: List[Dict[str, str]] = []
+    readable = _readable(split, max_side=max_side, pool=pool, skipped=skipped)
+    held = valsplit.write_held_out(split, given, readable, directory, fraction=val_fraction, seed=holdout_seed,
+                                   shard_size=shard_size)
+    _check_skipped(split, skipped, held.pool_count)
+    every = lambda s: np.arange(len(s), dtype=np.int64)  # noqa: E731 - written in full, in order
+    log.info("held out %d of %d train samples as val (--val-fraction %g, seed %d)", len(held.val),
+             held.pool_count, val_fraction, holdout_seed)
+    return [_Written(held.train, held.given_train, every(held.train), held.train_shards, skipped,
+                     valsplit.train_fields(held)),
+            _Written(held.val, held.given_val, every(held.val), held.val_shards, [],
+                     valsplit.val_fields(fraction=val_fraction, seed=holdout_seed, folded=folded))]
+
+
+def _write_all(source: Source, given: Dict[str, np.ndarray], directory: Path, *, shard_size: int,
+               max_side: Optional[int], workers: int, val_fraction: float, holdout_seed: int,
+               folded: int) -> Dict[str, _Written]:
+    """Every split of ``source`` to ``directory``, in order (train's hold-out right after train)."""
+    out: Dict[str, _Written] = {}
+    total = max(len(s) for s in source.splits.values())
+    with _pool(workers, total) as pool:
+        for name, split in source.splits.items():
+            if name == "train" and val_fraction > 0:
+                for w in _write_held_out(split, given[name], directory, shard_size=shard_size, max_side=max_side,
+                                         pool=pool, val_fraction=val_fraction, holdout_seed=holdout_seed,
+                                         folded=folded):
+                    out[w.split.name] = w
+                continue
+            shards, kept, skipped = _write_split(split, given[name], directory, shard_size=shard_size,
+                                                 max_side=max_side, pool=pool)
+            out[name] = _Written(split, given[name], kept, shards, skipped)
+    return out
+
+
+# What each dataset's clean.cls is (the `prepare --help` text and the --labels-verified error).
+LABELS_HELP = {
+    "digits": "its official labels, on every split",
+    "cifar10": "its official labels, on every split (CIFAR-N files agree with them)",
+    "cifar100": "its official labels, on every split (CIFAR-N files agree with them)",
+    "fashion-mnist": "its official labels, on every split",
+    "clothing1m": "clean_label_kv.txt: the train samples it lists, all of val and test",
+    "webvision": "the test split only (WebVision's annotated val set); none for train",
+    "imagefolder": "none, unless --labels-verified",
+}
+
+
+def _check_options(dataset: str, *, shard_size: int, max_side: Optional[int], classes: Optional[int],
+                   val_fraction: float, labels_verified: bool) -> float:
+    """One-line errors for options that do not fit ``dataset``; returns the checked val fraction."""
+    if dataset not in DATASETS:
+        raise TurnctlError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
+    if shard_size < 1:
+        raise TurnctlError(f"--shard-size must be at least 1, not {shard_size}")
+    if max_side is not None and max_side < 1:
+        raise TurnctlError(f"--max-side must be at least 1, not {max_side}")
+    if classes is not None and dataset != "webvision":
+        raise TurnctlError("--classes only applies to webvision (mini-WebVision: --classes 50)")
+    if labels_verified and dataset != "imagefolder":
+        raise DataError(f"--labels-verified only applies to imagefolder: {dataset}'s true labels are fixed "
+                        f"by the dataset ({LABELS_HELP[dataset]})")
+    return valsplit.check_fraction(val_fraction)
+
+
 def prepare_dataset(dataset: str, *, root: Optional[Union[str, Path]] = None, out: Optional[Union[str, Path]] = None,
                     noise: Optional[str] = None, noise_seed: int = 0, labels: Optional[Union[str, Path]] = None,
                     shard_size: int = DEFAULT_SHARD_SIZE, max_side: Optional[int] = None,
                     workers: Optional[int] = None, overwrite: bool = False,
-                    classes: Optional[int] = None) -> Dict[str, Any]:
+                    classes: Optional[int] = None, val_fraction: float = 0.0,
+                    labels_verified: bool = False) -> Dict[str, Any]:
     """Write ``dataset`` as WebDataset shards with reproducible label noise (docs/ARCHITECTURE.md).
+
+    ``val_fraction`` > 0 holds a stratified val split out of the noised train split, seeded by
+    ``noise_seed`` (turnctl/prepare/valsplit.py); ``labels_verified`` (imagefolder) declares the
+    folder labels true, so they are written as ``clean.cls``.
 
     Returns ``{"out": path, "manifest": <manifest.json content>, "seconds": s, "images": n,
     "images_per_s": r}``. Raises :class:`DataError` / :class:`TurnctlError` with one-line messages.
@@ -330,51 +438,52 @@ def prepare_dataset(dataset: str, *, root: Optional[Union[str, Path]] = None, ou
         ['test', 'train', 'val']
     """
     t0 = time.perf_counter()
-    if dataset not in DATASETS:
-        raise TurnctlError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
-    if shard_size < 1:
-        raise TurnctlError(f"--shard-size must be at least 1, not {shard_size}")
-    if max_side is not None and max_side < 1:
-        raise TurnctlError(f"--max-side must be at least 1, not {max_side}")
-    if classes is not None and dataset != "webvision":
-        raise TurnctlError("--classes only applies to webvision (mini-WebVision: --classes 50)")
+    val_fraction = _check_options(dataset, shard_size=shard_size, max_side=max_side, classes=classes,
+                                  val_fraction=val_fraction, labels_verified=labels_verified)
     workers = default_workers() if workers is None else max(1, int(workers))
     spec = nz.parse_spec(noise)
     root_path = Path(root) if root is not None else default_root(dataset)
     if dataset == "digits" and root is not None:
         log.warning("digits is bundled with scikit-learn: --root %s is ignored", root)
-    out_path = Path(out) if out is not None else default_out(dataset, spec, classes=classes)
+    out_path = Path(out) if out is not None else default_out(dataset, spec, classes=classes, val_fraction=val_fraction)
     check_out(out_path, overwrite=overwrite)
     if spec.kind == "file" and not Path(spec.path).is_file():
         raise DataError(f"label file not found: {spec.path}")
 
-    source = load_source(dataset, root_path, classes=classes)
+    source = load_source(dataset, root_path, classes=classes, labels_verified=labels_verified)
     for name in [n for n, s in source.splits.items() if len(s) == 0]:
         log.warning("%s: the %s split is empty and is left out", dataset, name)
         del source.splits[name]
     if not source.splits:
         raise DataError(f"{dataset}: no samples found under {root_path}")
+    folded = valsplit.fold_builtin_val(source, val_fraction)
     log.info("%s: %s", dataset, ", ".join(f"{len(s):,} {n}" for n, s in source.splits.items()))
+    if all(s.clean is None for s in source.splits.values()):
+        log.info("%s: no true labels are known (%s): purity, recall and true_label stay absent", dataset,
+                 source.clean_labels)
     given, record = apply_noise(source, spec, seed=noise_seed,
                                 labels_file=Path(labels) if labels is not None else None, workers=workers)
 
     partial = staging_dir(out_path)
     try:
+        written = _write_all(source, given, partial, shard_size=shard_size, max_side=max_side, workers=workers,
+                             val_fraction=val_fraction, holdout_seed=noise_seed, folded=folded)
+        if val_fraction > 0:  # the splits and labels as written: val now exists, held out of train
+            record = valsplit.noise_after_holdout(record)
+            source.splits = {name: w.split for name, w in written.items()}
+            given = {name: w.given for name, w in written.items()}
         splits: Dict[str, Any] = {}
-        kept: Dict[str, np.ndarray] = {}
+        kept = {name: w.kept for name, w in written.items()}
         shard_table: Dict[str, Any] = {}
         sizes: Dict[str, int] = {}
-        total = max(len(s) for s in source.splits.values())
-        with _pool(workers, total) as pool:
-            for name, split in source.splits.items():
-                shards, kept[name], skipped = _write_split(split, given[name], partial, shard_size=shard_size,
-                                                           max_side=max_side, pool=pool)
-                splits[name] = _split_record(split, given[name], kept[name], shards, skipped,
-                                             num_classes=source.num_classes, noised=name in record["applies_to"])
-                for s in shards:
-                    shard_table[s["file"]] = {"sha256": s["sha256"], "bytes": s["bytes"], "count": s["count"],
-                                              "split": name}
-                    sizes[s["file"]] = s["count"]
+        for name, w in written.items():
+            splits[name] = _split_record(w.split, w.given, w.kept, w.shards, w.skipped,
+                                         num_classes=source.num_classes, noised=name in record["applies_to"])
+            splits[name].update(w.extra)
+            for s in w.shards:
+                shard_table[s["file"]] = {"sha256": s["sha256"], "bytes": s["bytes"], "count": s["count"],
+                                          "split": name}
+                sizes[s["file"]] = s["count"]
         write_json(partial / "sizes.json", sizes)
         manifest = {
             "format": FORMAT,
@@ -384,9 +493,11 @@ def prepare_dataset(dataset: str, *, root: Optional[Union[str, Path]] = None, ou
             "sources": dict(source.info, root=None if root_path is None else str(root_path)),
             "num_classes": source.num_classes,
             "class_names": source.class_names,
+            "clean_labels": source.clean_labels,
             "splits": splits,
             "noise": _noise_summary(record, source, given, kept),
-            "options": {"shard_size": shard_size, "max_side": max_side},
+            "options": {"shard_size": shard_size, "max_side": max_side, "val_fraction": val_fraction,
+                        "labels_verified": labels_verified},
             "shards": shard_table,
         }
         write_json(partial / "manifest.json", manifest)  # last: its presence marks a complete dataset

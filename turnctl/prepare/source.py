@@ -19,6 +19,9 @@ SPLITS = ("train", "val", "test")
 # The held-out validation split never depends on --noise-seed: every noise setting of a dataset
 # is evaluated on the same samples.
 SPLIT_SEED = 0
+# Curated benchmarks (digits, CIFAR, Fashion-MNIST): their official labels are taken as the truth,
+# as every noisy-label benchmark does, so each sample's true label is known.
+TRUSTED_LABELS = "the dataset's official labels (a curated benchmark, taken as the truth) on every split"
 # File-listed datasets (class-sorted lists) are written in a seeded shuffled order so that every
 # equal-size shard mixes all classes; the order, like idx, never depends on the noise.
 ORDER_SEED = 0
@@ -57,16 +60,34 @@ class Split:
     def is_array(self) -> bool:
         return isinstance(self.images, np.ndarray)
 
+    def followed_by(self, other: "Split", name: Optional[str] = None) -> "Split":
+        """This split's samples, then ``other``'s, as one split (an optional field survives only
+        when both have it)."""
+        both = lambda a, b: None if a is None or b is None else np.concatenate([a, b])  # noqa: E731
+        images = (np.concatenate([self.images, other.images]) if self.is_array and other.is_array
+                  else list(self.images) + list(other.images))
+        return Split(name or self.name, self.keys + other.keys, np.concatenate([self.labels, other.labels]),
+                     both(self.clean, other.clean), images, both(self.positions, other.positions),
+                     both(self.coarse, other.coarse))
+
 
 @dataclasses.dataclass
 class Source:
-    """A parsed dataset: class names, ordered splits, and what to record under ``sources``."""
+    """A parsed dataset: class names, ordered splits, and what to record under ``sources``.
+
+    ``builtin_val``: the val split is not the dataset's own but a share of its official training
+    set that turnctl draws (digits, CIFAR, Fashion-MNIST), so ``--val-fraction`` may replace it.
+    ``clean_labels``: where the true labels (``Split.clean``) come from, or why there are none;
+    recorded in the manifest, because a true label is only written where it is actually known.
+    """
 
     dataset: str
     class_names: List[str]
     splits: Dict[str, Split]
     info: Dict[str, Any]
     asymmetric_family: str = "generic"  # cifar10 / cifar100 / generic (see noise.asymmetric_targets)
+    builtin_val: bool = False
+    clean_labels: str = "none"
 
     @property
     def num_classes(self) -> int:

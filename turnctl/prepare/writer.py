@@ -121,8 +121,10 @@ class SplitWriter:
         self.shards[-1]["bytes"] = path.stat().st_size  # lets readers catch a truncated copy by a stat
         self._shard = None
 
-    def add(self, key: str, ext: str, image: bytes, *, idx: int, label: int, clean: Optional[int]) -> None:
-        """Append one sample: ``<key>.<ext>``, ``<key>.cls``, ``<key>.clean.cls`` (if known), ``<key>.idx``."""
+    def add(self, key: str, ext: str, image: bytes, *, idx: int, label: int, clean: Optional[int],
+            train_idx: Optional[int] = None) -> None:
+        """Append one sample: ``<key>.<ext>``, ``<key>.cls``, ``<key>.clean.cls`` (if known), ``<key>.idx``,
+        ``<key>.train_idx`` (samples of a val split held out of train: their position there)."""
         if "." in key:
             raise ValueError(f"sample key {key!r} contains a dot")
         if self._shard is None or self.shards[-1]["count"] == self.shard_size:
@@ -133,6 +135,8 @@ class SplitWriter:
         if clean is not None and clean >= 0:
             self._shard.add(f"{key}.clean.cls", str(int(clean)).encode())
         self._shard.add(f"{key}.idx", str(int(idx)).encode())
+        if train_idx is not None:
+            self._shard.add(f"{key}.train_idx", str(int(train_idx)).encode())
         self.shards[-1]["count"] += 1
         self.count += 1
 
