@@ -98,11 +98,13 @@ def write_toy_shards(out_dir: Union[str, Path], *, counts: Mapping[str, Sequence
                      image_size: int = 8, seed: int = 0, noise_rate: float = 0.0,
                      corrupt: Optional[Mapping[str, Sequence[int]]] = None, fmt: str = "png",
                      tar_format: str = "pax", with_clean: bool = True,
-                     key_prefix: str = "") -> ToyShards:
+                     key_prefix: str = "", label_offset: Optional[Mapping[str, int]] = None) -> ToyShards:
     """Write a prepared dataset (shards + sizes.json + manifest.json, the manifest last).
 
     ``counts``: split -> samples per shard, e.g. ``{"train": [7, 5, 6]}``. ``key_prefix`` is put in
     front of every key (use a long one with slashes to exercise long tar member names).
+    ``label_offset``: split -> k, every given label of that split is ``(clean + k) % C`` (a split
+    whose labels disagree with the images on purpose).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,8 @@ def write_toy_shards(out_dir: Union[str, Path], *, counts: Mapping[str, Sequence
         if noised:
             flip = rng.choice(n, size=int(round(noise_rate * n)), replace=False)
             given[flip] = (clean[flip] + rng.integers(1, num_classes, size=flip.size)) % num_classes
+        if (label_offset or {}).get(split):
+            given = (clean + int(label_offset[split])) % num_classes
         images = class_images(clean, num_classes, image_size, rng)
         bad = corrupt.get(split, [])
         if any(not 0 <= i < n for i in bad):

@@ -253,7 +253,9 @@ def test_hand_counted_precision_recall_order_and_rates(tmp_path, capsys):
     assert [int(r[0]) for r in rows] == [6, 9, 2, 8, 3, 7, 0, 1, 5, 4]
     assert [r[5] for r in rows] == ["True"] * 4 + ["False"] * 6
     assert [t["idx"] for t in s["top"]] == [6, 9, 2]
-    assert rows[1][-1] == "-1"  # true label unknown
+    assert rows[1][-1] == ""  # true label unknown: empty, never a made-up -1
+    assert s["top"][1]["true_label"] is None
+    assert rows[0][-1] != ""  # known ones are written
 
 
 def test_without_true_labels_there_is_no_true_label_column_nor_precision(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Evaluate a trained model on prepared shards: top-1, per-class accuracy, most confused pairs.
 
-Accepts what training leaves behind: a run directory (evaluates ``best/`` and ``final/`` = last), an
+Accepts what training leaves behind: a run directory (evaluates ``best/``, the checkpoint chosen on
+validation accuracy when the run had validation data, and ``final/`` = last), an
 export directory (``final/``, ``best/``: Hugging Face format), or a DeepSpeed checkpoint directory
 (``<run>/checkpoints`` or one ``epoch_E`` tag in it; consolidated to fp32 with DeepSpeed's
 ``zero_to_fp32``, the run's ``recipe.yaml`` rebuilds the model). Runs on one or more ranks: every
@@ -107,6 +108,19 @@ def evaluate_model(model, shards: str, split: str, *, batch_size: int = 256, num
     return rep
 
 
+def _best_provenance(run_dir: Path) -> Dict[str, Any]:
+    """How the run chose ``best/``: on validation accuracy, at which epoch (from its summary.json)."""
+    import json
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"selected_on": "val"}
+    if not isinstance(summary, dict):
+        return {"selected_on": "val"}
+    return {"selected_on": summary.get("best_selected_on") or "val", "selected_epoch": summary.get("best_epoch")}
+
+
 def evaluate_checkpoint(checkpoint: str, *, shards: Optional[str] = None, split: str = "test",
                         batch_size: int = 256, num_workers: int = 1) -> Optional[Dict[str, Any]]:
     """Evaluate every target of ``checkpoint``; the result (rank 0) has ``accuracy`` (the last model's)."""
@@ -120,6 +134,8 @@ def evaluate_checkpoint(checkpoint: str, *, shards: Optional[str] = None, split:
         rep = evaluate_model(model, data, split, batch_size=batch_size, num_workers=num_workers)
         if rep is not None:
             rep["checkpoint"] = str(path)
+            if label == "best":  # best/ exists only when validation chose it (docs/PROTOCOL.md)
+                rep.update(_best_provenance(path.parent))
             results[label] = rep
     if dist.rank() != 0:
         return None

@@ -33,7 +33,8 @@ def stratified_holdout(labels: np.ndarray, fraction: float, *, seed: int) -> np.
     """A boolean mask over ``labels`` (in idx order): True = held out for validation.
 
     Per class ``c`` with ``n_c`` samples, ``min(max(round(fraction * n_c), 1), n_c - 1)`` samples are
-    drawn without replacement (none from a class of one sample). Deterministic in
+    drawn without replacement (none from a class of one sample; negative labels, unknown, are never
+    held out). Deterministic in
     ``(labels, fraction, seed)``; independent of the machine and the numpy version's default RNG.
     """
     labels = np.asarray(labels).astype(np.int64, copy=False)
@@ -45,7 +46,7 @@ def stratified_holdout(labels: np.ndarray, fraction: float, *, seed: int) -> np.
     if fraction == 0 or labels.size == 0:
         return mask
     rng = np.random.Generator(np.random.PCG64(int(seed) + _SALT))
-    for c in np.unique(labels):
+    for c in np.unique(labels[labels >= 0]):
         members = np.flatnonzero(labels == c)
         n = members.size
         k = min(max(int(round(fraction * n)), 1), n - 1)
@@ -53,3 +54,36 @@ def stratified_holdout(labels: np.ndarray, fraction: float, *, seed: int) -> np.
             continue
         mask[rng.choice(members, size=k, replace=False)] = True
     return mask
+
+
+def read_given_labels(info) -> np.ndarray:
+    """The given label of every sample of a split, in idx order, read from the shards' ``cls``
+    members (the images are skipped, never decoded). One sequential read of the split: cheap next to
+    a feature pass, but for very large datasets prefer ``turnctl prepare --val-fraction``, which
+    writes the validation split once. A sample whose idx or label cannot be read gets -1 (the
+    reader reports it as undecodable later; it is never held out).
+    """
+    import tarfile
+
+    from turnctl.errors import DataError
+    from turnctl.shards import iter_tar
+
+    labels = np.full(info.num_samples, -1, dtype=np.int64)
+    for path in info.shard_paths:
+        pending = {}  # key -> {"idx": .., "cls": ..}: a sample's members are adjacent in a shard
+        try:
+            with open(path, "rb") as f:
+                for name, data in iter_tar(f, suffixes=(".idx", ".cls")):
+                    if name.endswith(".clean.cls"):
+                        continue
+                    key, _, member = name.rpartition(".")
+                    pending.setdefault(key, {})[member] = data
+                    row = pending[key]
+                    if "idx" in row and "cls" in row:
+                        del pending[key]
+                        i, c = int(row["idx"]), int(row["cls"])
+                        if 0 <= i < info.num_samples:
+                            labels[i] = c
+        except (OSError, ValueError, tarfile.TarError) as exn:
+            raise DataError(f"{path}: cannot read the labels for the validation hold-out ({exn})") from None
+    return labels

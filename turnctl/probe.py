@@ -376,3 +376,58 @@ def accuracy(head_state: Mapping[str, torch.Tensor], features: torch.Tensor, lab
     dev = torch.device(device) if device is not None else features.device
     w, b = _head_tensors(head_state, dev)
     return _accuracy_on(w, b, features.to(dev), labels.to(dev, torch.long))
+
+
+# ---- input standardisation, folded into the head -------------------------------------------
+
+def standardizer(features: torch.Tensor, *, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (float32, CPU) of train features, for :func:`standardize`.
+
+    A dimension with (near) zero variance gets std 1, so it stays constant instead of exploding.
+    Computed in float64 chunks: fp16 features summed over millions of rows would lose precision.
+
+    >>> import torch
+    >>> m, s = standardizer(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))
+    >>> m.tolist(), s.tolist()
+    ([2.0, 5.0], [1.0, 1.0])
+    """
+    n = features.shape[0]
+    if n == 0:
+        d = features.shape[1]
+        return torch.zeros(d), torch.ones(d)
+    total = torch.zeros(features.shape[1], dtype=torch.float64)
+    sq = torch.zeros_like(total)
+    for s in range(0, n, EVAL_CHUNK):
+        x = features[s:s + EVAL_CHUNK].to("cpu", torch.float64)
+        total += x.sum(0)
+        sq += (x * x).sum(0)
+    mean = total / n
+    var = (sq / n - mean * mean).clamp_min(0.0)
+    std = var.sqrt()
+    std = torch.where(std > eps, std, torch.ones_like(std))
+    return mean.float(), std.float()
+
+
+def standardize(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(features - mean) / std`` in float32 (on the features' device)."""
+    return (features.float() - mean.to(features.device)) / std.to(features.device)
+
+
+def fold_standardization(head_state: Mapping[str, torch.Tensor], mean: torch.Tensor,
+                         std: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The head on raw features equal to ``head_state`` on standardised ones.
+
+    ``W (x - m) / s + b = (W / s) x + (b - (W / s) m)``, computed in float64.
+
+    >>> import torch
+    >>> h = {"weight": torch.tensor([[2.0, -1.0]]), "bias": torch.tensor([0.5])}
+    >>> m, s = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])
+    >>> x = torch.tensor([[3.0, 10.0]])
+    >>> f = fold_standardization(h, m, s)
+    >>> bool(torch.allclose(predict(f, x), predict(h, standardize(x, m, s))))
+    True
+    """
+    w, b = _head_tensors(head_state, torch.device("cpu"))
+    w_raw = w.double() / std.double()[None, :]
+    b_raw = b.double() - w_raw @ mean.double()
+    return {"weight": w_raw.float(), "bias": b_raw.float()}

@@ -68,7 +68,13 @@ class DataSection(Section):
     # None: taken from the shards' manifest. Set: must agree with it (checked before training).
     num_classes: Optional[int] = Field(default=None, ge=2)
     train_split: str = "train"
+    # Checkpoints and every "best" figure are chosen on the val split, never on test
+    # (docs/PROTOCOL.md). Shards without one: hold out `val_fraction` of train here (stratified on
+    # the given labels, seeded by `val_seed`; the same samples `turnctl prepare --val-fraction F
+    # --noise-seed S` would write as a val split). 0 and no val split: no best/, last only.
     val_split: Optional[str] = "val"
+    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    val_seed: int = Field(default=0, ge=0)
     test_split: Optional[str] = "test"
     num_workers: int = Field(default=2, ge=0, le=64)
     shuffle_buffer: int = Field(default=1000, ge=0)
@@ -109,6 +115,22 @@ class ProbeSection(Section):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     batch_size: int = Field(default=128, ge=1)
     schedule: Literal["constant", "cosine"] = "cosine"
+    # Standardise every feature dimension (mean and std of the train features) before step 1, for
+    # every feature-space method alike; the affine map is folded into the exported linear head, so
+    # inference on raw features gives the same logits. Without it SGD on raw 1280-d features swings
+    # by tens of points of accuracy between epochs (docs/PROTOCOL.md).
+    standardize: bool = True
+    # Learning-rate search for step 1 of every feature-space method (LP-CE/GCE/ELR, DivideMix,
+    # UNICON, NMTune, TURN's probe): multipliers of that method's own base learning rate, each run
+    # with the full budget, the one with the highest last-epoch validation accuracy kept. Empty: no
+    # search. Needs validation data (a val split or data.val_fraction).
+    lr_search: List[float] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _positive_multipliers(self):
+        if any(not (0.0 < m <= 1000.0) for m in self.lr_search):
+            raise ValueError("probe.lr_search holds learning-rate multipliers in (0, 1000]")
+        return self
 
 
 class CleanseSection(Section):

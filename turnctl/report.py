@@ -22,7 +22,7 @@ Definitions (the CSVs, the CLI and ``--json`` all use these)
 * ``is_label_issue`` = not kept by the GMM (``clean_prob <= tau``) AND decodable. Undecodable
   samples (``ok`` False) never took part in the fit (their clean_prob is 0 by convention, not by
   evidence), so they are not called label issues; their ``label_score`` and ``loss`` are NaN
-  (empty in the CSV) and ``predicted_label`` is -1. ``true_label`` is -1 where unknown (the npz
+  (empty in the CSV) and ``predicted_label`` is -1. ``true_label`` is empty where unknown (-1 in the selection npz
   convention). Note: flagged is the GMM's decision, before the class-balanced subset draw, which
   drops clean samples too (``selected`` counts that).
 * Severity order: decodable samples first, then ``label_score`` ascending, then ``loss``
@@ -422,7 +422,8 @@ def label_issues(run: Run, *, epoch: Optional[int] = None,
         "loss": np.where(ok, sel.loss[o].astype(np.float64), np.nan),
     }
     if sel.has_clean:
-        cols["true_label"] = sel.clean[o]
+        # Known for some samples only (e.g. Clothing1M's clean subset): unknown is empty, never -1.
+        cols["true_label"] = np.array([int(c) if c >= 0 else None for c in sel.clean[o]], dtype=object)
     return cols
 
 

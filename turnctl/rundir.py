@@ -2,7 +2,8 @@
 
     <run>/recipe.yaml            the resolved recipe (what --resume checks against)
     <run>/metrics.jsonl          one line per LP epoch and per FFT epoch
-    <run>/selection/epoch_E.npz  idx, loss, clean_prob, selected (+ keep, given, clean, pred)
+    <run>/selection/epoch_E.npz  idx, loss, clean_prob, selected (+ keep, given, clean, pred, heldout)
+    <run>/validation_holdout.npz the train idx held out for validation (data.val_fraction > 0)
     <run>/checkpoints/epoch_E/   DeepSpeed checkpoints (every rank's shard), the last K kept
     <run>/final/  <run>/best/    Hugging Face exports (config + safetensors, classifier included)
     <run>/summary.json           the run's result, written last
@@ -122,6 +123,16 @@ class RunDir:
 
     def selection_file(self, epoch: int) -> Path:
         return self.path / "selection" / f"epoch_{epoch}.npz"
+
+    @property
+    def holdout_file(self) -> Path:
+        return self.path / "validation_holdout.npz"
+
+    def save_holdout(self, idx: np.ndarray, *, fraction: float, seed: int) -> None:
+        """The train idx held out for validation by ``data.val_fraction`` (rank 0)."""
+        if dist.rank() == 0:
+            atomic_savez(self.holdout_file, idx=np.asarray(idx, dtype=np.int64),
+                         fraction=np.float64(fraction), seed=np.int64(seed))
 
     # ---- rank-0 writers ----
     def reset_history(self, history: List[Dict[str, Any]]) -> None:

@@ -13,6 +13,12 @@
 Every function here is collective (all ranks call it in the same order). Work done by rank 0 alone
 (the linear probe, the GMM) is followed by a broadcast, which doubles as the barrier, under the
 process-group timeout from the recipe.
+
+The evaluation protocol (docs/PROTOCOL.md) is the same for every method: ``best/`` and every figure
+called "best" come from the epoch with the highest *validation* accuracy (a val split, or
+``data.val_fraction`` of train held out here); without validation data there is no best, only
+``last``. The LNL papers' figure, the maximum test accuracy over epochs, is reported for every
+method as ``max_over_epochs`` and is optimistic: it is chosen on test.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import numpy as np
 import torch
 
 from turnctl import distributed as dist
-from turnctl.errors import DataError, TurnctlError
+from turnctl.errors import DataError, RecipeError, TurnctlError
+from turnctl.holdout import read_given_labels, stratified_holdout
 from turnctl.logger import log
 from turnctl.methods import FEATURE_METHODS  # lp-dividemix, lp-unicon, nmtune: on cached features, rank 0
 from turnctl.preempt import Preempted, StopRequest
@@ -46,6 +53,9 @@ def open_splits(recipe: Recipe) -> Dict[str, SplitInfo]:
     for role, name in (("val", data.val_split), ("test", data.test_split)):
         if name and name in available:
             splits[role] = open_split(data.shards, name)
+    if data.val_fraction > 0 and "val" in splits:
+        raise RecipeError(f"data.val_fraction={data.val_fraction} but {data.shards} already has a val split "
+                          f"('{data.val_split}'); set data.val_fraction=0 to use it, or data.val_split=null")
     c = splits["train"].num_classes
     if data.num_classes is not None and data.num_classes != c:
         raise DataError(f"data.num_classes={data.num_classes} but the shards in {data.shards} have {c} classes "
@@ -68,8 +78,62 @@ def selection_quality(mask: np.ndarray, given: np.ndarray, clean: np.ndarray, ok
     truly_clean = (given == clean) & known
     kept = mask & known
     tp = int((kept & truly_clean).sum())
-    return {"purity": tp / max(int(kept.sum()), 1), "recall": tp / max(int(truly_clean.sum()), 1),
-            "noise_rate": 1.0 - float(truly_clean.sum()) / max(int(known.sum()), 1)}
+    # A ratio with nothing known to count is unknown (None), not 0.
+    return {"purity": tp / int(kept.sum()) if kept.any() else None,
+            "recall": tp / int(truly_clean.sum()) if truly_clean.any() else None,
+            "noise_rate": 1.0 - float(truly_clean.sum()) / int(known.sum())}
+
+
+def protocol_figures(rows, *, val_key: str, test_key: str) -> Dict[str, Any]:
+    """The figures every method reports, from its per-epoch rows (docs/PROTOCOL.md).
+
+    ``best``: the test accuracy of the first epoch with the highest validation accuracy (None
+    without validation data); ``last``: the last epoch's; ``max_over_epochs``: the highest test
+    accuracy of any epoch (the LNL papers' "best", chosen on test: optimistic).
+
+    >>> rows = [{"v": 0.5, "t": 0.9}, {"v": 0.7, "t": 0.6}, {"v": 0.7, "t": 0.8}]
+    >>> f = protocol_figures(rows, val_key="v", test_key="t")
+    >>> f["test_accuracy"], f["best_epoch_index"]
+    ({'best': 0.6, 'last': 0.8, 'max_over_epochs': 0.9}, 1)
+    """
+    rows = list(rows)
+    best_i = None
+    for i, row in enumerate(rows):
+        v = row.get(val_key)
+        if v is not None and (best_i is None or v > rows[best_i][val_key]):
+            best_i = i
+    tests = [r.get(test_key) for r in rows if r.get(test_key) is not None]
+    last = rows[-1] if rows else {}
+    return {
+        "test_accuracy": {"best": rows[best_i].get(test_key) if best_i is not None else None,
+                          "last": last.get(test_key), "max_over_epochs": max(tests) if tests else None},
+        "val_accuracy": {"best": rows[best_i].get(val_key) if best_i is not None else None,
+                         "last": last.get(val_key)},
+        "best_epoch_index": best_i,
+        "best_selected_on": "val" if best_i is not None else None,
+    }
+
+
+def _validation_holdout(recipe: Recipe, splits: Dict[str, SplitInfo], run: RunDir) -> Optional[np.ndarray]:
+    """``data.val_fraction`` of train held out for validation: a bool mask over train idx (every
+    rank), or None. Rank 0 reads the labels and draws; the held-out idx are saved in the run."""
+    frac = recipe.data.val_fraction
+    if frac <= 0:
+        if "val" not in splits:
+            log.info("no validation data (the shards have no val split and data.val_fraction is 0): no best/ "
+                     "checkpoint and no 'best' figure; set data.val_fraction (e.g. 0.1) to select on validation")
+        return None
+    train = splits["train"]
+
+    def draw():
+        mask = stratified_holdout(read_given_labels(train), frac, seed=recipe.data.val_seed)
+        run.save_holdout(np.flatnonzero(mask), fraction=frac, seed=recipe.data.val_seed)
+        return mask
+
+    mask = dist.run_on_main(draw, what="the validation hold-out")
+    log.info("validation: %d of %d train samples held out (data.val_fraction=%g, data.val_seed=%d); "
+             "they are never trained on or selected", int(mask.sum()), mask.size, frac, recipe.data.val_seed)
+    return mask
 
 
 def _seed_epoch(recipe: Recipe, epoch: int) -> int:
@@ -86,6 +150,11 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     dist.init_distributed(recipe.deepspeed.timeout_minutes)
     splits = open_splits(recipe)  # bad shards fail here, before a run directory is created
     run = RunDir.open(recipe, resume=resume)
+    holdout = _validation_holdout(recipe, splits, run)
+    has_val = "val" in splits or holdout is not None
+    if recipe.probe.lr_search and not has_val:
+        raise RecipeError("probe.lr_search chooses on validation accuracy: set data.val_fraction or use shards "
+                          "with a val split")
     train = splits["train"]
     num_classes = train.num_classes
     method = recipe.method
@@ -118,6 +187,8 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         loss_fn, elr = fft_loss_hook(FFT_METHODS.get(method, recipe.finetune.loss), losses=recipe.losses,
                                      num_samples=train.num_samples, num_classes=num_classes)
     start_epoch, best = 0, {"score": -1.0, "epoch": None, "test_accuracy": None}
+    # The samples fine-tuning may train on: all of train but the validation hold-out.
+    train_pool = np.flatnonzero(~holdout).astype(np.int64) if holdout is not None else None
     midway: Dict[str, Any] = {}  # a checkpoint written inside an epoch (on a signal): where to go on
     if resume and tuner is not None:
         from turnctl.finetune import check_resumable
@@ -143,13 +214,15 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         run.reset_history([])
         probe_out = _linear_probe(recipe, run, backbone, tuner, splits, eval_tf,
                                   loss=LP_METHODS.get(method, recipe.probe.loss),
-                                  step1=TURN_METHODS.get(method, method))
+                                  step1=TURN_METHODS.get(method, method), holdout=holdout,
+                                  as_turn_step1=method in TURN_METHODS)
         result["feature_cache"] = probe_out["feature_cache"]
         result.update(probe_out["summary"])
         if tuner is None:  # an LP baseline: the probe is the result
             return _finish_lp(recipe, run, backbone, probe_out, result, t_start)
 
     last_sel: Dict[str, Any] = {}
+    train_pass = None  # the last evaluation's pass over train (a val hold-out): next epoch's losses
     with StopRequest() as stop:
         for epoch in range(start_epoch, fft_epochs):
             dist.set_seed(_seed_epoch(recipe, epoch))
@@ -159,8 +232,11 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
                 if resume_here:  # this epoch's subset was drawn before the interruption: reuse it
                     keep_idx, sel_stats = _saved_selection(run, epoch), resume_here["selection"]
                 else:
-                    keep_idx, sel_stats = _cleanse(recipe, run, tuner, train, eval_tf, epoch)
+                    keep_idx, sel_stats = _cleanse(recipe, run, tuner, train, eval_tf, epoch,
+                                                   holdout=holdout, precomputed=train_pass)
                 last_sel = sel_stats
+            else:
+                keep_idx = train_pool
             stats = tuner.train_epoch(train, epoch=epoch, total_epochs=fft_epochs, keep_idx=keep_idx,
                                       transform=train_tf, num_workers=recipe.data.num_workers,
                                       seed=_seed_epoch(recipe, epoch), loss_fn=loss_fn, stop=stop,
@@ -169,10 +245,11 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
                 elr.check_consistent()
             if "interrupted_at_step" in stats:
                 _save_midway(recipe, run, tuner, elr, epoch, stats, sel_stats, best)
-            evals = _evaluate_splits(tuner, splits, eval_tf, recipe, num_classes)
+            evals, train_pass = _evaluate(tuner, splits, eval_tf, recipe, num_classes, holdout)
             line = {"phase": "fft", "epoch": epoch, **stats, **sel_stats, **evals}
             run.log_metrics(line)
-            score = evals.get("val_accuracy", evals.get("test_accuracy", -1.0))
+            # Chosen on validation only: without validation data there is no best (docs/PROTOCOL.md).
+            score = evals.get("val_accuracy")
             improved = dist.broadcast_object(score is not None and score > best["score"])
             if improved:
                 best = {"score": score, "epoch": epoch, "test_accuracy": evals.get("test_accuracy"),
@@ -198,11 +275,13 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
                 return result
     if tuner is not None and recipe.output.export_final:
         tuner.export(run.final, class_names=train.class_names)
-    last = run.history[-1] if run.history else {}
+    fft_rows = [h for h in run.history if h.get("phase") == "fft"]
+    figures = protocol_figures(fft_rows, val_key="val_accuracy", test_key="test_accuracy")
+    best_i = figures.pop("best_epoch_index")
     result.update({
-        "test_accuracy": {"best": best.get("test_accuracy"), "last": last.get("test_accuracy")},
-        "val_accuracy": {"best": best.get("val_accuracy"), "last": last.get("val_accuracy")},
-        "best_epoch": best.get("epoch"), "selection": last_sel or None, "wall_time_s": time.time() - t_start,
+        **figures, "best_epoch": fft_rows[best_i]["epoch"] if best_i is not None else None,
+        "best": str(run.best) if best_i is not None else None,
+        "selection": last_sel or None, "wall_time_s": time.time() - t_start,
         "final": str(run.final) if recipe.output.export_final else None,
     })
     run.write_summary(result)
@@ -237,11 +316,16 @@ def _saved_selection(run: RunDir, epoch: int) -> np.ndarray:
 
 
 def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf, *, loss: str,
-                  step1: str = "probe") -> Dict[str, Any]:
+                  step1: str = "probe", holdout: Optional[np.ndarray] = None,
+                  as_turn_step1: bool = False) -> Dict[str, Any]:
     """Extract (or load) features on all ranks, train the head on rank 0, broadcast it.
 
     ``step1`` picks the trainer: the linear probe with ``loss`` (LP baselines, TURN), or one of
-    ``FEATURE_METHODS`` (turnctl.methods), whose extra state is saved as ``method_state.pt``."""
+    ``FEATURE_METHODS`` (turnctl.methods), whose extra state is saved as ``method_state.pt``.
+    Every trainer gets the same treatment (docs/PROTOCOL.md): the held-out train samples are its
+    validation set and never trained on, the features are standardised (``probe.standardize``; the
+    map is folded back into the head) and ``probe.lr_search`` picks its learning rate on
+    validation accuracy."""
     from pathlib import Path
 
     from turnctl.features import extract_features
@@ -258,23 +342,46 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
     cache_state = {role: ("hit" if fs is not None and fs.from_cache else "miss") for role, fs in feats.items()}
 
     def train_head():  # rank 0 only
-        probe_cfg = recipe.probe.model_copy(update={"loss": loss})
         tr = feats["train"]
-        use = tr.ok
+        held = torch.from_numpy(holdout) if holdout is not None else torch.zeros(tr.num_samples, dtype=torch.bool)
+        use = tr.ok & ~held
         eval_sets = {role: (fs.features[fs.ok], fs.labels[fs.ok]) for role, fs in feats.items() if role != "train"}
-        summary: Dict[str, Any] = {}
-        if step1 in FEATURE_METHODS:
-            from turnctl.methods import train_on_features
+        if holdout is not None:
+            eval_sets["val"] = (tr.features[tr.ok & held], tr.labels[tr.ok & held])
+        x_train = tr.features[use]
+        mean = std = None
+        if recipe.probe.standardize:
+            from turnctl.probe import standardize, standardizer
 
-            out = train_on_features(step1, tr.features[use], tr.labels[use], num_classes=splits["train"].num_classes,
-                                    recipe=recipe, eval_sets=eval_sets, clean=tr.clean[use])
-            head_state, history, summary = out["head_state"], out["history"], out["summary"]
-            _save_torch(run.path / "method_state.pt", {"method": step1, **out["state"]})
-        else:
-            res = train_linear_probe(tr.features[use], tr.labels[use], num_classes=splits["train"].num_classes,
-                                     probe=probe_cfg, losses=recipe.losses, seed=recipe.seed,
-                                     idx=torch.nonzero(use).squeeze(1), eval_sets=eval_sets)
-            head_state, history = res.head_state, res.history
+            mean, std = standardizer(x_train)
+            x_train = standardize(x_train, mean, std).to(tr.features.dtype)
+            eval_sets = {k: (standardize(f, mean, std).to(f.dtype), y) for k, (f, y) in eval_sets.items()}
+        train_args = dict(labels=tr.labels[use], clean=tr.clean[use], idx=torch.nonzero(use).squeeze(1),
+                          eval_sets=eval_sets, num_classes=splits["train"].num_classes)
+        searched, out = [], None
+        for mult in (recipe.probe.lr_search or [1.0]):
+            cand = _train_step1(recipe, step1, loss, x_train, lr_mult=mult, as_turn_step1=as_turn_step1,
+                                **train_args)
+            last = cand["history"][-1] if cand["history"] else {}
+            searched.append({"lr_multiplier": mult, "lr": cand["lr"], "val_acc": last.get("val_acc")})
+            if out is None or (last.get("val_acc") or -1.0) > (out["history"][-1].get("val_acc") or -1.0):
+                out = cand
+        if recipe.probe.lr_search:
+            for row in searched:
+                run.log_metrics({"phase": "lr_search", "method": step1, **row})
+            log.info("step 1 learning rate chosen on validation: %g (of %s)", out["lr"],
+                     ", ".join(f"{r['lr']:g}: {r['val_acc']:.4f}" for r in searched if r["val_acc"] is not None))
+        head_state, history, summary = out["head_state"], out["history"], dict(out["summary"])
+        summary["step1_lr"] = out["lr"]
+        if mean is not None:
+            from turnctl.probe import fold_standardization
+
+            head_state = fold_standardization(head_state, mean, std)
+        if out.get("state") is not None:
+            state = dict(out["state"])
+            if mean is not None:  # the saved model takes standardised features
+                state["standardize"] = {"mean": mean, "std": std}
+            _save_torch(run.path / "method_state.pt", {"method": step1, **state})
         for line in history:
             run.log_metrics({"phase": "lp", **line})
         # Undecodable images got zero features and were left out: say how many, per split.
@@ -289,6 +396,29 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
     return {"head": head_state, "history": history, "feature_cache": cache_state, "summary": summary}
 
 
+def _train_step1(recipe: Recipe, step1: str, loss: str, features: torch.Tensor, *, labels, clean, idx,
+                 eval_sets, num_classes: int, lr_mult: float, as_turn_step1: bool) -> Dict[str, Any]:
+    """One step-1 training run with the method's base learning rate times ``lr_mult`` (rank 0)."""
+    from turnctl.probe import train_linear_probe
+
+    if step1 in FEATURE_METHODS:
+        from turnctl.methods import train_on_features
+
+        section = "nmtune" if step1 == "nmtune" else "probe"  # where that method's learning rate lives
+        base = getattr(recipe, section).lr
+        r = recipe.model_copy(deep=True)
+        setattr(r, section, getattr(r, section).model_copy(update={"lr": base * lr_mult}))
+        kwargs = {"as_turn_step1": True} if as_turn_step1 else {}
+        out = train_on_features(step1, features, labels, num_classes=num_classes, recipe=r,
+                                eval_sets=eval_sets, clean=clean, **kwargs)
+        return {**out, "lr": base * lr_mult}
+    probe_cfg = recipe.probe.model_copy(update={"loss": loss, "lr": recipe.probe.lr * lr_mult})
+    res = train_linear_probe(features, labels, num_classes=num_classes, probe=probe_cfg, losses=recipe.losses,
+                             seed=recipe.seed, idx=idx, eval_sets=eval_sets)
+    return {"head_state": res.head_state, "history": res.history, "summary": {}, "state": None,
+            "lr": probe_cfg.lr}
+
+
 def _save_torch(path, obj) -> None:
     """torch.save to a temporary name, then rename (rank 0's files are never half-written)."""
     import os
@@ -300,27 +430,32 @@ def _save_torch(path, obj) -> None:
 
 def _finish_lp(recipe, run, backbone, probe_out, result, t_start) -> Dict[str, Any]:
     hist = probe_out["history"]
-    last = hist[-1] if hist else {}
-    best_test = max((h.get("test_acc") for h in hist if h.get("test_acc") is not None), default=None)
+    figures = protocol_figures(hist, val_key="val_acc", test_key="test_acc")
+    best_i = figures.pop("best_epoch_index")
     if dist.rank() == 0 and recipe.output.export_final:
         train = open_split(recipe.data.shards, recipe.data.train_split)
         backbone.save_pretrained(run.final, class_names=list(train.class_names))
     dist.barrier()
-    result.update({"test_accuracy": {"best": best_test, "last": last.get("test_acc")},
-                   "val_accuracy": {"best": max((h.get("val_acc") for h in hist if h.get("val_acc") is not None), default=None),
-                                    "last": last.get("val_acc")},
+    # The LP family exports the last head only (the one a user gets); "best" is the figure of the
+    # val-selected epoch (docs/PROTOCOL.md).
+    result.update({**figures, "best_epoch": hist[best_i]["epoch"] if best_i is not None else None,
                    "wall_time_s": time.time() - t_start,
                    "final": str(run.final) if recipe.output.export_final else None})
     run.write_summary(result)
     return result
 
 
-def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoch: int):
-    """Per-sample losses (all ranks) -> GMM + balanced subset (rank 0) -> the subset (broadcast)."""
+def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoch: int, *,
+             holdout: Optional[np.ndarray] = None, precomputed: Optional[Dict[str, np.ndarray]] = None):
+    """Per-sample losses (all ranks) -> GMM + balanced subset (rank 0) -> the subset (broadcast).
+
+    ``precomputed``: the previous epoch's evaluation pass over train with the same weights (when a
+    validation hold-out needed one), reused instead of a second identical pass. Held-out samples
+    are neither fitted nor selected."""
     from turnctl.cleanse import balanced_subset, select_clean
 
-    out = tuner.per_sample_losses(train, transform=eval_tf, batch_size=recipe.finetune.eval_batch_size,
-                                  num_workers=recipe.data.num_workers)
+    out = precomputed if precomputed is not None else tuner.per_sample_losses(
+        train, transform=eval_tf, batch_size=recipe.finetune.eval_batch_size, num_workers=recipe.data.num_workers)
     # Every rank holds the gathered losses, so every rank sees a NaN and stops with the same message.
     bad = ~np.isfinite(out["loss"]) & out["ok"].astype(bool)
     if bad.any():
@@ -331,13 +466,15 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
     def select():  # rank 0 only
         c = recipe.cleanse
         given, clean, ok = out["cls"].astype(np.int64), out["clean"].astype(np.int64), out["ok"].astype(bool)
+        # The GMM and the subset see the decodable samples that are not held out for validation.
+        usable = ok & ~holdout if holdout is not None else ok
         sel = select_clean(out["loss"], given, num_classes=train.num_classes, tau=c.tau, max_iter=c.gmm_max_iter,
-                           tol=c.gmm_tol, reg_covar=c.gmm_reg_covar, normalize=c.normalize, valid=ok)
+                           tol=c.gmm_tol, reg_covar=c.gmm_reg_covar, normalize=c.normalize, valid=usable)
         sub_seed = c.seed if c.seed is not None else _seed_epoch(recipe, epoch)
         if not c.redraw_each_epoch and c.seed is None:
             sub_seed = recipe.seed
         sub = balanced_subset(sel.keep, given, num_classes=train.num_classes, losses=out["loss"],
-                              fallback_k=c.fallback_k, min_per_class=c.min_per_class, seed=sub_seed, valid=ok)
+                              fallback_k=c.fallback_k, min_per_class=c.min_per_class, seed=sub_seed, valid=usable)
         for cls_id in sub.fallback_classes:
             name = train.class_names[cls_id] if cls_id < len(train.class_names) else cls_id
             log.warning("epoch %d: class %s kept fewer than %d samples; using its %d lowest-loss samples",
@@ -345,12 +482,13 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
         atomic_savez(run.selection_file(epoch), idx=out["idx"], loss=out["loss"].astype(np.float32),
                      clean_prob=sel.clean_prob.astype(np.float32), selected=sub.selected, keep=sel.keep,
                      given=given, clean=clean, pred=out["pred"].astype(np.int64), ok=ok,
-                     means=sel.means, variances=sel.variances, weights=sel.weights)
+                     means=sel.means, variances=sel.variances, weights=sel.weights,
+                     heldout=holdout if holdout is not None else np.zeros(len(ok), dtype=bool))
         stats = {"kept": int(sel.keep.sum()), "selected": int(sub.selected.sum()), "undecodable": int((~ok).sum()),
                  "n_per_class": int(sub.n_per_class), "fallback_classes": [int(x) for x in sub.fallback_classes],
-                 "train_acc_given": float((out["pred"] == given)[ok].mean()) if ok.any() else None}
-        q_keep = selection_quality(sel.keep, given, clean, ok)
-        q_sel = selection_quality(sub.selected, given, clean, ok)
+                 "train_acc_given": float((out["pred"] == given)[usable].mean()) if usable.any() else None}
+        q_keep = selection_quality(sel.keep, given, clean, usable)
+        q_sel = selection_quality(sub.selected, given, clean, usable)
         if q_keep:
             stats.update({"kept_precision": q_keep["purity"], "kept_recall": q_keep["recall"],
                           "selected_purity": q_sel["purity"], "selected_recall": q_sel["recall"],
@@ -358,6 +496,23 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
         return sub.indices.astype(np.int64), stats
 
     return dist.run_on_main(select, what=f"the selection of epoch {epoch}")
+
+
+def _evaluate(tuner, splits, eval_tf, recipe: Recipe, num_classes: int, holdout: Optional[np.ndarray]):
+    """Val/test accuracy after an epoch, and the pass over train that a val hold-out needed (None
+    without one): the held-out samples are read from the train shards, so their accuracy comes
+    from one eval pass over train, which TURN reuses as the next epoch's per-sample losses."""
+    evals = _evaluate_splits(tuner, splits, eval_tf, recipe, num_classes)
+    if holdout is None:
+        return evals, None
+    from turnctl.finetune import accuracy_report
+
+    out = tuner.per_sample_losses(splits["train"], transform=eval_tf, batch_size=recipe.finetune.eval_batch_size,
+                                  num_workers=recipe.data.num_workers)
+    rep = accuracy_report(out["pred"][holdout], out["cls"][holdout], out["ok"][holdout], num_classes=num_classes)
+    evals["val_accuracy"] = rep["accuracy"]
+    evals["val_undecodable"] = rep["undecodable"]
+    return {k: evals[k] for k in sorted(evals, key=lambda k: not k.startswith("val"))}, out
 
 
 def _evaluate_splits(tuner, splits, eval_tf, recipe: Recipe, num_classes: int) -> Dict[str, Any]:

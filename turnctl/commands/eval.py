@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from turnctl.commands.common import emit_json
@@ -14,7 +15,8 @@ from turnctl.logger import result_console
 
 @click.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(),
-              help="A run directory (best and last), an export (final/, best/) or a DeepSpeed checkpoint dir.")
+              help="A run directory (best, chosen on validation, and last), an export (final/, best/) or a "
+                   "DeepSpeed checkpoint dir.")
 @click.option("--shards", type=click.Path(file_okay=False), default=None,
               help="Prepared dataset; default: the one the model was trained on.")
 @click.option("--split", default="test", show_default=True)
@@ -38,7 +40,12 @@ def command(checkpoint: str, shards: Optional[str], split: str, batch_size: int,
         return
     console = result_console()
     for label, rep in result["results"].items():
-        table = Table(title=f"{label}: {rep['checkpoint']} on {rep['shards']} [{rep['split']}]")
+        how = ""
+        if label == "best":
+            epoch = rep.get("selected_epoch")
+            how = f" (chosen on validation accuracy{f', epoch {epoch}' if epoch is not None else ''})"
+        table = Table(title=f"{label}{how}: {escape(rep['checkpoint'])} on {escape(str(rep['shards']))} "
+                            f"[{escape(rep['split'])}]")
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_row("top-1 accuracy", f"{100 * rep['accuracy']:.2f}%")

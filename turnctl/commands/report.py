@@ -69,7 +69,9 @@ def _suspects(s: Dict[str, Any], names: List[str]) -> Table:
     for c in ["#", "idx", "key", "given", "predicted", "score", "loss"] + (["true"] if has_true else []):
         t.add_column(c, justify="left" if c in ("key", "given", "predicted", "true") else "right")
 
-    def name(c: int) -> str:
+    def name(c) -> str:
+        if c is None:  # a true label nobody knows
+            return "-"
         return names[c] if 0 <= c < len(names) else str(c)
 
     for i, r in enumerate(s["top"], 1):
