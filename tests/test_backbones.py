@@ -72,7 +72,7 @@ def _source(case):
 # documented feature dim and whether AutoModelForImageClassification reproduces turnctl's logits
 EXPECTED = {"vit": (32, True), "vit_mae": (32, True), "vit_msn": (32, True), "clip": (32, False),
             "clip_full": (32, False), "dinov2": (64, True), "convnext": (32, True), "resnet": (32, True),
-            "auto": (32, False)}
+            "auto": (32, True)}  # auto on ConvNeXt, pooler: written as ConvNextForImageClassification
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
@@ -170,7 +170,8 @@ def test_pooling_choices(tmp_path):
         assert bb.features(x).shape == (2, 32)
         out = bb.save_pretrained(tmp_path / "e")
         assert torch.equal(load_exported(out)(x), bb(x))
-    assert json.loads((out / "turnctl.json").read_text())["auto_model_for_image_classification"] is False
+    # the CLS-only head is written zero-padded into HF's [CLS, mean] classifier (tests/test_export_reload.py)
+    assert json.loads((out / "turnctl.json").read_text())["auto_model_for_image_classification"] is True
     with pytest.raises(ModelError, match="pooling=cls does not apply to family resnet"):
         load_backbone(ModelSection(family="resnet", config=CNN, pooling="cls"), num_classes=3)
     with pytest.raises(ModelError, match="does not apply to family vit"):

