@@ -119,13 +119,14 @@ def test_elr_apply_updates_by_hand_and_checkpoint_round_trip(tmp_path):
 def test_jsd_by_hand_and_against_scipy():
     from scipy.spatial.distance import jensenshannon
 
-    # p = (1/2, 1/2), y = 0: m = (3/4, 1/4); KL(p||m) = (log2(2/3) + log2(2)) / 2; KL(q||m) = log2(4/3)
-    hand = 0.5 * (0.5 * np.log2(2 / 3) + 0.5) + 0.5 * np.log2(4 / 3)
+    # Natural logarithms, as UNICON's code (its JSD lies in [0, ln 2]).
+    # p = (1/2, 1/2), y = 0: m = (3/4, 1/4); KL(p||m) = (ln(2/3) + ln 2) / 2; KL(q||m) = ln(4/3)
+    hand = 0.5 * (0.5 * np.log(2 / 3) + 0.5 * np.log(2)) + 0.5 * np.log(4 / 3)
     got = jsd_to_labels(torch.tensor([[0.5, 0.5]]), torch.tensor([0]))
     assert float(got[0]) == pytest.approx(hand, rel=1e-5)
     p = np_softmax(np.random.default_rng(1).normal(size=(6, 4)) * 2)
     y = np.array([0, 1, 2, 3, 0, 2])
-    ref = [jensenshannon(p[i], np.eye(4)[y[i]], base=2) ** 2 for i in range(6)]
+    ref = [jensenshannon(p[i], np.eye(4)[y[i]]) ** 2 for i in range(6)]  # scipy's default base: e
     np.testing.assert_allclose(jsd_to_labels(torch.tensor(p), torch.tensor(y)).numpy(), ref, rtol=1e-5, atol=1e-7)
 
 

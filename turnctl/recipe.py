@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Type
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from turnctl.errors import RecipeError
 
@@ -164,6 +164,13 @@ class FinetuneSection(Section):
     # Global batch (paper: 128) = micro_batch_size x gradient accumulation x world size.
     batch_size: int = Field(default=128, ge=1)
     micro_batch_size: int = Field(default=32, ge=1)
+    # Linear LR warmup over this fraction of the fine-tuning (Hugging Face Trainer's `warmup_ratio`),
+    # then the schedule over the rest. The fraction is of *training progress* (epochs done, as the
+    # cosine), not of a step count TURN cannot know in advance: its clean subset, and with it the
+    # epoch's length, is redrawn every epoch (turnctl/finetune.py). 0: no warmup (the paper's).
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=0.5)
+    # Legacy: warmup over the first N optimizer steps, multiplied into the cosine. Still honoured so
+    # older recipes reproduce their runs; a recipe sets this or warmup_ratio, not both.
     warmup_steps: int = Field(default=0, ge=0)
     schedule: Literal["constant", "cosine"] = "cosine"
     gradient_clipping: float = Field(default=1.0, ge=0.0)
@@ -172,66 +179,207 @@ class FinetuneSection(Section):
     freeze_norm_stats: bool = False
     eval_batch_size: int = Field(default=256, ge=1)
 
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        from pydantic_core import PydanticCustomError
+
+        if self.warmup_ratio > 0 and self.warmup_steps > 0:
+            raise PydanticCustomError("warmup", (
+                f"set finetune.warmup_ratio ({self.warmup_ratio}) or the legacy finetune.warmup_steps "
+                f"({self.warmup_steps}), not both; set the other to 0"))
+        return self
+
+
+_TRIAD = ("turnctl derives the batch triad from finetune.batch_size, finetune.micro_batch_size and the "
+          "world size, and its data loader reads them; set those instead")
+_OFFLOAD = ("set deepspeed.offload_optimizer instead (turnctl then lets DeepSpeed step turnctl's own "
+            "optimizer on the CPU)")
+_PRECISION = "set deepspeed.precision instead (turnctl casts the inputs to it)"
+# DeepSpeed config keys that Recipe.deepspeed_config derives from recipe keys, or that DeepSpeed would
+# ignore or fight with turnctl over; deepspeed.extra may not set them (nor a non-mapping above them).
+_DS_KEYS_TURNCTL_OWNS = {
+    ("optimizer",): ("turnctl builds the optimizer from finetune.optimizer/lr/weight_decay/momentum "
+                     "(DeepSpeed ignores this one when handed an optimizer); set those instead"),
+    ("scheduler",): ("turnctl sets the learning rate of every step from finetune.lr/schedule/warmup_ratio "
+                     "(a DeepSpeed scheduler would change it after each step); set those instead"),
+    ("train_batch_size",): _TRIAD,
+    ("train_micro_batch_size_per_gpu",): _TRIAD,
+    ("gradient_accumulation_steps",): _TRIAD,
+    ("gradient_clipping",): "set finetune.gradient_clipping instead",
+    ("zero_optimization", "stage"): ("set deepspeed.zero_stage instead (turnctl builds the model for that "
+                                     "stage before DeepSpeed starts)"),
+    ("zero_optimization", "offload_optimizer"): _OFFLOAD,
+    ("zero_optimization", "cpu_offload"): _OFFLOAD,  # DeepSpeed's deprecated name for it
+    ("zero_force_ds_cpu_optimizer",): _OFFLOAD,
+    ("zero_allow_untested_optimizer",): "turnctl's SGD and AdamW need it on under ZeRO",
+    ("bf16", "enabled"): _PRECISION,
+    ("bfloat16",): _PRECISION,  # DeepSpeed's old name for bf16
+    ("fp16", "enabled"): _PRECISION,
+}
+
+
+def _owned_key_in(extra: Dict[str, Any]) -> Optional[Tuple[str, str]]:
+    """(dotted key, why) of the first key of ``extra`` that would set a key turnctl owns."""
+    for path, why in _DS_KEYS_TURNCTL_OWNS.items():
+        node: Any = extra
+        for depth, part in enumerate(path):
+            if not isinstance(node, dict) or part not in node:
+                break
+            # A non-mapping above an owned key replaces the whole section it is in (deep merge).
+            if depth == len(path) - 1 or not isinstance(node[part], dict):
+                return ".".join(path[:depth + 1]), why
+            node = node[part]
+    return None
+
 
 class DeepSpeedSection(Section):
     """DeepSpeed engine settings; the rest of the DeepSpeed config is derived from the recipe."""
 
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, else fp32
+    # ZeRO-Offload: the optimizer's state and fp32 master weights live (and are stepped) on the CPU,
+    # by turnctl's own SGD/AdamW (not DeepSpeedCPUAdam). Needs zero_stage >= 1.
     offload_optimizer: bool = False
     # DeepSpeed's default 1e5 leaves small parameters unpartitioned under ZeRO-3; tests set 0.
     stage3_param_persistence_threshold: Optional[int] = Field(default=None, ge=0)
     # Process-group timeout: long enough for rank 0's linear probe, short enough to fail a dead rank.
     timeout_minutes: float = Field(default=30.0, gt=0.0, le=1440.0)
-    # Raw keys merged into the generated DeepSpeed config last (expert use).
+    # Raw keys merged into the generated DeepSpeed config last (expert use). Keys turnctl derives
+    # from the recipe, or that would fight its optimizer and schedule, are refused (_DS_KEYS_TURNCTL_OWNS).
     extra: Dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("extra")
+    @classmethod
+    def _no_owned_keys(cls, extra: Dict[str, Any]) -> Dict[str, Any]:
+        from pydantic_core import PydanticCustomError
+
+        owned = _owned_key_in(extra)
+        if owned is not None:
+            raise PydanticCustomError("owned_key", f"key '{owned[0]}' is not supported: {owned[1]}")
+        return extra
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        from pydantic_core import PydanticCustomError
+
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise PydanticCustomError("offload", (
+                "offload_optimizer needs ZeRO (it offloads ZeRO's optimizer partitions); "
+                "set deepspeed.zero_stage to 1, 2 or 3, or offload_optimizer to false"))
+        return self
 
 
 class DivideMixSection(Section):
-    """lp-dividemix: DivideMix with two linear heads on cached features (DESIGN.md §4;
-    turnctl/methods/dividemix.py). Epochs, optimizer, lr, weight decay, batch size and schedule are
-    the probe's (``probe.*``), as for the other LP baselines."""
+    """lp-dividemix: DivideMix with two linear heads on cached features (turnctl/methods/dividemix.py).
+    Epochs, optimizer, lr, weight decay, batch size and schedule are the probe's (``probe.*``), as for
+    the other LP baselines.
 
-    # CE on all samples before co-division starts (our choice for a 20-epoch LP; DivideMix: 10/300).
+    Defaults are the original code's CIFAR defaults. What the original changes per dataset and noise
+    level (the DivideMix paper's appendix, Table 7, and its Clothing1M/WebVision training scripts):
+
+    ============== ======================= ======== ================ ========== ========= ============
+    key            CIFAR sym 20/50/80%     sym 90%  CIFAR-10 asym    Clothing1M WebVision default
+    ============== ======================= ======== ================ ========== ========= ============
+    p_threshold    0.5                     0.6      0.5              0.5        0.5       0.5
+    lambda_u       C10: 0/25/25 C100: 25/  C10 50   0                0 (no Lu)  0 (no Lu) 25
+                   150/150                 C100 150
+    loss_window    1                       5        1                1          1         1
+    alpha          4                       4        4                0.5        0.5       4
+    warmup_penalty no                      no       yes              yes        no        no
+    mixmatch_rows  all                     all      all              labeled    labeled   all
+    ============== ======================= ======== ================ ========== ========= ============
+    """
+
+    # CE on all samples before co-division starts (our choice for a 20-epoch LP; DivideMix: 10
+    # (CIFAR-10) or 30 (CIFAR-100) of 300, 1 of 80 on Clothing1M and WebVision).
     warmup_epochs: int = Field(default=5, ge=0)
-    p_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)  # 0.6 at 90% noise
-    temperature: float = Field(default=0.5, gt=0.0)  # MixMatch sharpening T
-    alpha: float = Field(default=4.0, gt=0.0)  # Beta(alpha, alpha) mixup
-    lambda_u: float = Field(default=25.0, ge=0.0)  # weight of the unlabeled MSE, ramped up linearly
-    rampup_epochs: float = Field(default=16.0, gt=0.0)
-    # GMM on the mean of the last K epochs' min-max normalised losses (DivideMix: 5 at 90% noise).
+    # Labeled = clean posterior > p_threshold. DivideMix: 0.5; 0.6 at 90% noise.
+    p_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    temperature: float = Field(default=0.5, gt=0.0)  # MixMatch sharpening T (0.5 everywhere)
+    # Beta(alpha, alpha) mixup: 4 on CIFAR, 0.5 on Clothing1M and WebVision.
+    alpha: float = Field(default=4.0, gt=0.0)
+    # Weight of the unlabeled MSE, ramped up linearly over rampup_epochs after warm-up. DivideMix
+    # (Table 7): CIFAR-10 sym 20/50/80/90% 0/25/25/50, asym 40% 0; CIFAR-100 sym 20/50/80/90%
+    # 25/150/150/150; Clothing1M and WebVision 0.
+    lambda_u: float = Field(default=25.0, ge=0.0)
+    rampup_epochs: float = Field(default=16.0, gt=0.0)  # DivideMix's rampup_length (16 everywhere)
+    # GMM on the mean of the last K epochs' min-max normalised losses: DivideMix 5 at 90% noise, else 1.
     loss_window: int = Field(default=1, ge=1)
     gmm_max_iter: int = Field(default=10, ge=1)
     gmm_tol: float = Field(default=1e-2, gt=0.0)
     gmm_reg_covar: float = Field(default=5e-4, gt=0.0)
+    # Warm-up: CE (+ the confidence penalty mean sum p log p where DivideMix adds it: asymmetric noise
+    # on CIFAR, always on Clothing1M, never on WebVision) with batches of warmup_batch_factor x the
+    # probe's batch size (DivideMix's warm-up loaders: 2x on every dataset).
+    warmup_penalty: bool = False
+    warmup_batch_factor: int = Field(default=2, ge=1, le=64)
+    # Which mixed rows the head is trained on: "all" (CIFAR script: Lx on the labeled half, lambda_u
+    # x Lu on the unlabeled half, the prior penalty on all) or "labeled" (Clothing1M/WebVision
+    # scripts: only the labeled half is mixed, partners from all rows, no Lu, penalty on those rows).
+    mixmatch_rows: Literal["all", "labeled"] = "all"
     # Views of a frozen feature: dropout rate and Gaussian jitter (in units of each dimension's std).
     view_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     view_noise: float = Field(default=0.1, ge=0.0)
 
 
 class UniconSection(Section):
-    """lp-unicon: UNICON with two linear heads on cached features (DESIGN.md §4;
-    turnctl/methods/unicon.py). Epochs, optimizer, lr, weight decay, batch size and schedule are the
-    probe's (``probe.*``)."""
+    """lp-unicon: UNICON with two linear heads on cached features (turnctl/methods/unicon.py). Epochs,
+    optimizer, lr, weight decay, batch size and schedule are the probe's (``probe.*``).
+
+    Defaults are the original code's CIFAR defaults. UNICON's authors keep the same hyper-parameters
+    at every noise level except the unlabeled batch, which they enlarge for high noise (both stated
+    by the authors on the original repository's issue tracker); per dataset:
+
+    =================== ============== ========== ============ ========= =========
+    key                 CIFAR sym<=80% CIFAR 90%  Clothing1M   WebVision default
+    =================== ============== ========== ============ ========= =========
+    lambda_u            30             30         - (no Lu)    - (no Lu) 30
+    alpha               4              4          0.5          0.5       4
+    d_u / tau           0.7 / 5        0.7 / 5    0.7 / 5      0.7 / 5   0.7 / 5
+    unlabeled_batch_k   2              1          null (= B)   null      2
+    warmup_batch_factor 2              2          4            4         2
+    warmup_penalty      no (asym: yes) no         yes          no        no
+    mixmatch_rows       all            all        labeled      labeled   all
+    guess_views         weak           weak       strong       strong    weak
+    =================== ============== ========== ============ ========= =========
+    """
 
     warmup_epochs: int = Field(default=5, ge=0)  # our choice for a 20-epoch LP (UNICON: 10-30/350)
-    temperature: float = Field(default=0.5, gt=0.0)  # sharpening T
-    alpha: float = Field(default=4.0, gt=0.0)
+    temperature: float = Field(default=0.5, gt=0.0)  # sharpening T (0.5 everywhere)
+    alpha: float = Field(default=4.0, gt=0.0)  # Beta(alpha, alpha): 4 on CIFAR, 0.5 Clothing1M/WebVision
+    # Unlabeled-MSE weight, ramped up linearly over rampup_epochs: 30 at every CIFAR noise level
+    # (Tiny-ImageNet 50); Clothing1M and WebVision have no Lu term (mixmatch_rows "labeled").
     lambda_u: float = Field(default=30.0, ge=0.0)
     rampup_epochs: float = Field(default=16.0, gt=0.0)
-    lambda_c: float = Field(default=0.025, ge=0.0)  # weight of the contrastive loss
-    contrastive_temperature: float = Field(default=0.05, gt=0.0)
-    # Threshold = mean JSD; when the mean exceeds d_u it is lowered by (mean - min) / filter_coefficient
-    # (UNICON's --d_u and --tau). null: always the plain mean.
+    lambda_c: float = Field(default=0.025, ge=0.0)  # weight of the contrastive loss (everywhere)
+    contrastive_temperature: float = Field(default=0.05, gt=0.0)  # SupConLoss temperature
+    # Threshold = mean JSD (natural log, so JSD <= ln 2 = 0.693); when the mean exceeds d_u it is
+    # lowered by (mean - min) / filter_coefficient (UNICON's --d_u 0.7 and --tau 5 at every noise
+    # level; with natural-log JSD the mean never exceeds 0.7, so the cut never fires at 0.7).
+    # null: always the plain mean.
     d_u: Optional[float] = Field(default=0.7, gt=0.0, le=1.0)
     filter_coefficient: float = Field(default=5.0, gt=0.0)
+    # Unlabeled batch size per labeled batch of B: int(B / (k * SR)), SR the selection rate
+    # (UNICON's CIFAR loader: k = 2; its authors' setting for high noise: k = 1); null: B (its
+    # Clothing1M and WebVision loaders).
+    unlabeled_batch_k: Optional[float] = Field(default=2.0, gt=0.0)
+    # Warm-up: CE (+ the confidence penalty mean sum p log p where UNICON adds it: asymmetric noise on
+    # CIFAR, the Clothing1M script) with batches of warmup_batch_factor x B (CIFAR 2, WebVision and
+    # Clothing1M 4).
+    warmup_penalty: bool = False
+    warmup_batch_factor: int = Field(default=2, ge=1, le=64)
+    # "all" (CIFAR) or "labeled" (Clothing1M/WebVision): as dividemix.mixmatch_rows.
+    mixmatch_rows: Literal["all", "labeled"] = "all"
+    # Which pair of views label guessing/refinement reads: "weak" (CIFAR: guess on the weak views,
+    # mixup and contrastive loss on the strong ones) or "strong" (Clothing1M/WebVision: the reverse).
+    guess_views: Literal["weak", "strong"] = "weak"
     view_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     view_noise: float = Field(default=0.1, ge=0.0)
     strong_factor: float = Field(default=2.0, ge=1.0)  # strong views: dropout and jitter times this
 
 
 class NMTuneSection(Section):
-    """nmtune / turn-nmtune step 1: NMTune on cached features (DESIGN.md §4; turnctl/methods/nmtune.py)."""
+    """nmtune / turn-nmtune step 1: NMTune on cached features (turnctl/methods/nmtune.py)."""
 
     epochs: int = Field(default=30, ge=0, le=10000)
     batch_size: int = Field(default=64, ge=2)
@@ -243,9 +391,16 @@ class NMTuneSection(Section):
     cov_weight: float = Field(default=0.04, ge=0.0)
     svd_weight: float = Field(default=1e-3, ge=0.0)
     svd_top_k: int = Field(default=5, ge=1)
+    # When NMTune is TURN's step 1 (turn-nmtune) only; the nmtune baseline always uses CE and the last
+    # epoch, as NMTune's paper and code. step1_loss: gce (TURN's robust step-1 loss, losses.gce_q /
+    # gce_form) or ce. step1_select: best_val keeps the epoch with the best val accuracy (before the
+    # MLP memorises the noise; the last epoch without a val split), last keeps the last.
+    step1_loss: Literal["gce", "ce"] = "gce"
+    step1_select: Literal["best_val", "last"] = "best_val"
     # Ridge of the least-squares fold of the feature MLP into one linear head (relative to the mean
-    # eigenvalue of the features' Gram matrix); null: the one of 1e-4..1 whose fold agrees best with
-    # the NMTune model on the val features (no labels used). See turnctl/methods/nmtune.py.
+    # non-zero eigenvalue of the features' Gram matrix, so N < D is well-posed); null: the one of
+    # 1e-4..1 whose fold agrees best with the NMTune model on the val features (no labels used; a
+    # held-out fifth of train without val). See turnctl/methods/nmtune.py.
     fold_ridge: Optional[float] = Field(default=None, gt=0.0)
 
 
@@ -298,7 +453,10 @@ class Recipe(Section):
         """The DeepSpeed config dict: batch triad checked, clipping explicit, ZeRO stage as set.
 
         The optimizer and LR schedule are built by turnctl (so SGD, AdamW and the cosine schedule
-        behave the same on every stage), hence ``zero_allow_untested_optimizer``.
+        behave the same on every stage), hence ``zero_allow_untested_optimizer``, and under
+        ZeRO-Offload ``zero_force_ds_cpu_optimizer: false`` (DeepSpeed otherwise refuses any optimizer
+        but its DeepSpeedCPUAdam/Lion; turnctl's then steps the CPU partitions). ``deepspeed.extra`` is
+        merged last; it cannot set what this method derives (checked when the recipe is validated).
         """
         ds, ft = self.deepspeed, self.finetune
         accum = self.grad_accum(world_size)
@@ -307,7 +465,7 @@ class Recipe(Section):
             zero["stage3_gather_16bit_weights_on_model_save"] = True
             if ds.stage3_param_persistence_threshold is not None:
                 zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
-        if ds.offload_optimizer and ds.zero_stage >= 1:
+        if ds.offload_optimizer:  # validation refuses it with ZeRO stage 0
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
         cfg: Dict[str, Any] = {
             "train_batch_size": ft.batch_size,
@@ -325,13 +483,9 @@ class Recipe(Section):
             cfg["bf16"] = {"enabled": True}
         elif precision == "fp16":
             cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
-        cfg = _deep_merge(cfg, ds.extra)
-        if cfg["train_batch_size"] != cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world_size:
-            raise RecipeError(
-                "deepspeed.extra overrides break the batch triad: train_batch_size must equal "
-                "train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size"
-            )
-        return cfg
+        if ds.offload_optimizer:
+            cfg["zero_force_ds_cpu_optimizer"] = False
+        return _deep_merge(cfg, ds.extra)
 
     def digest(self) -> str:
         """A short hash of the resolved recipe (ranks compare it to agree on one config)."""

@@ -153,6 +153,72 @@ def mixup(inputs: torch.Tensor, targets: torch.Tensor, *, alpha: float, rng: np.
     return (lam * inputs + (1 - lam) * inputs[perm], lam * targets + (1 - lam) * targets[perm], lam)
 
 
+def neg_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``mean_i sum_c p_ic log p_ic``: DivideMix's and UNICON's confidence penalty (``NegEntropy``).
+
+    Added to the warm-up CE where the originals do (``warmup_penalty``): it rewards high-entropy
+    predictions, so the heads do not become over-confident on a systematically flipped label.
+
+    >>> round(float(neg_entropy(torch.zeros(1, 4))), 4)  # uniform over 4: -log 4
+    -1.3863
+    """
+    p = torch.softmax(logits.float(), dim=1)
+    return (p * torch.log(p)).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def co_guess(net: "Head", other: "Head", u1: torch.Tensor, u2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Label co-guessing: sharpen the mean of both heads' softmax on two views of the unlabeled rows."""
+    pu = (torch.softmax(net(u1), 1) + torch.softmax(net(u2), 1)
+          + torch.softmax(other(u1), 1) + torch.softmax(other(u2), 1)) / 4
+    return sharpen(pu, temperature)
+
+
+@torch.no_grad()
+def refine_labels(net: "Head", x1: torch.Tensor, x2: torch.Tensor, y_onehot: torch.Tensor, w: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """Label (co-)refinement: ``sharpen(w y + (1 - w) mean(softmax(net(x1)), softmax(net(x2))), T)``."""
+    px = (torch.softmax(net(x1), 1) + torch.softmax(net(x2), 1)) / 2
+    return sharpen(w[:, None] * y_onehot + (1 - w[:, None]) * px, temperature)
+
+
+def mixmatch_terms(net: "Head", inputs: torch.Tensor, targets: torch.Tensor, n_labeled: int, *, alpha: float,
+                   rows: str, rng: np.random.Generator,
+                   generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixup and the three MixMatch terms ``(Lx, Lu, penalty)`` as the originals compute them.
+
+    ``inputs``/``targets``: the labeled rows first (``n_labeled`` of them: two views of x), then the
+    unlabeled rows (two views of u). Every row is mixed with a random partner from all of them.
+
+    * ``rows="all"`` (DivideMix's and UNICON's CIFAR scripts): the net sees every mixed row;
+      ``Lx`` = soft CE on the labeled part, ``Lu`` = mean squared error of the softmax on the
+      unlabeled part, the uniform-prior penalty on all rows.
+    * ``rows="labeled"`` (their Clothing1M and WebVision scripts): only the first ``n_labeled`` mixed
+      rows are kept (their partners still come from all rows); ``Lu`` is 0 and the penalty uses those
+      rows only.
+    """
+    mixed_x, mixed_t, _ = mixup(inputs, targets, alpha=alpha, rng=rng, generator=generator)
+    if rows == "labeled":
+        mixed_x, mixed_t = mixed_x[:n_labeled], mixed_t[:n_labeled]
+    logits = net(mixed_x)
+    lx = soft_cross_entropy(logits[:n_labeled], mixed_t[:n_labeled])
+    if logits.shape[0] > n_labeled:
+        lu = torch.mean((torch.softmax(logits[n_labeled:], 1) - mixed_t[n_labeled:]) ** 2)
+    else:
+        lu = logits.new_zeros(())
+    return lx, lu, uniform_prior_penalty(logits)
+
+
+def ramp_position(epoch: int, step: int, n_labeled: int, batch_size: int) -> float:
+    """The ``current`` of the originals' ``linear_rampup``: ``epoch + batch_idx / num_iter`` with
+    ``num_iter = n_labeled // batch_size + 1`` (their count, one more than the full batches).
+
+    >>> ramp_position(5, 1, 256, 128)
+    5.333333333333333
+    """
+    return epoch + step / (n_labeled // batch_size + 1)
+
+
 class Head:
     """A linear head ``W f + b`` with its own torch optimizer (SGD or AdamW, the probe's settings)."""
 
@@ -275,10 +341,12 @@ class HeadPairResult:
 
 
 def warmup_epoch(head: Head, X: torch.Tensor, Y: torch.Tensor, *, batch_size: int, generator: torch.Generator,
-                 lr_at) -> float:
-    """One CE epoch of ``head`` over all samples (DivideMix's and UNICON's warm-up); mean loss.
+                 lr_at, penalty: bool = False) -> float:
+    """One CE epoch of ``head`` over all samples (DivideMix's and UNICON's warm-up); mean CE.
 
-    ``lr_at(fraction_of_epoch_done)`` gives the learning rate of each step.
+    ``lr_at(fraction_of_epoch_done)`` gives the learning rate of each step. ``penalty`` adds the
+    confidence penalty :func:`neg_entropy` to the loss (the originals' asymmetric-noise and
+    Clothing1M warm-up); the returned mean is of the CE alone, as the originals log it.
     """
     n = X.shape[0]
     perm = torch.randperm(n, generator=generator).to(X.device)
@@ -286,17 +354,29 @@ def warmup_epoch(head: Head, X: torch.Tensor, Y: torch.Tensor, *, batch_size: in
     total = 0.0
     for k in range(steps):
         rows = perm[k * batch_size:(k + 1) * batch_size]
-        loss = F.cross_entropy(head(X.index_select(0, rows)), Y.index_select(0, rows))
-        head.step(loss, lr_at(k / steps))
-        total += float(loss.detach()) * rows.numel()
+        logits = head(X.index_select(0, rows))
+        ce = F.cross_entropy(logits, Y.index_select(0, rows))
+        head.step(ce + neg_entropy(logits) if penalty else ce, lr_at(k / steps))
+        total += float(ce.detach()) * rows.numel()
     return total / max(n, 1)
 
 
-def cycle_batches(idx: torch.Tensor, batch_size: int, generator: torch.Generator):
-    """Endless batches of ``idx``, reshuffled at every pass (an unlabeled loader that restarts)."""
+def cycle_batches(idx: torch.Tensor, batch_size: int, generator: torch.Generator, *, drop_last: bool = False):
+    """Endless batches of ``idx``, reshuffled at every pass (an unlabeled loader that restarts).
+
+    ``drop_last``: skip each pass's short last batch (UNICON's loaders); needs ``batch_size <= len(idx)``.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> it = cycle_batches(torch.arange(5), 2, g, drop_last=True)
+    >>> [len(next(it)) for _ in range(4)]
+    [2, 2, 2, 2]
+    """
+    if drop_last and not 0 < batch_size <= idx.numel():
+        raise ValueError(f"drop_last needs 0 < batch_size <= {idx.numel()}, got {batch_size}")
     while True:
         perm = idx[torch.randperm(idx.numel(), generator=generator).to(idx.device)]
-        for s in range(0, perm.numel(), batch_size):
+        stop = perm.numel() - perm.numel() % batch_size if drop_last else perm.numel()
+        for s in range(0, stop, batch_size):
             yield perm[s:s + batch_size]
 
 

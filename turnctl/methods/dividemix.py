@@ -1,32 +1,43 @@
 """DivideMix as a linear probe (lp-dividemix): two linear heads on cached features, co-divided.
 
 DivideMix (Li, Socher, Hoi; ICLR 2020), as the TURN paper runs it: the backbone frozen, LP only.
-Per epoch, after ``warmup_epochs`` epochs of plain CE for both heads:
+Per epoch, after ``warmup_epochs`` epochs of CE for both heads (batches of ``warmup_batch_factor``
+x the probe's batch, plus the confidence penalty ``mean sum p log p`` when ``warmup_penalty``):
 
 1. **Division, per head.** Per-sample CE of each head over the whole train set (no augmentation),
-   min-max normalised over all samples (optionally averaged over the last ``loss_window`` epochs,
-   DivideMix's setting at 90% noise), then ONE global two-component GMM
+   min-max normalised over all samples, averaged over the last ``loss_window`` epochs (DivideMix: 5
+   at 90% noise, else 1), then ONE global two-component GMM
    (``GaussianMixture(2, max_iter=10, tol=1e-2, reg_covar=5e-4)``, fitted by
    :func:`turnctl.cleanse.select_clean` with a single class: scikit-learn's EM, deterministic 2-means
-   start); ``w_i`` = posterior of the low-mean component; labeled = ``w > p_threshold``.
+   start); ``w_i`` = posterior of the low-mean component; labeled = ``w > p_threshold``. Both heads'
+   losses are taken before either head trains, as the original does.
 2. **Co-division.** Head A trains on the division made by head B's losses and vice versa (each head
    filters the other's errors rather than confirming its own).
-3. **MixMatch** for the head being trained (A), per batch of labeled x and unlabeled u, two views
-   each: co-guessing ``q_u = sharpen(mean of A and B's softmax on both views of u, T)``;
+3. **MixMatch** for the head being trained (A), per batch of B labeled x and B unlabeled u, two
+   views each: co-guessing ``q_u = sharpen(mean of A and B's softmax on both views of u, T)``;
    co-refinement ``q_x = sharpen(w y + (1 - w) mean of A's softmax on both views of x, T)``;
    mixup (``l ~ Beta(alpha, alpha)``, ``l = max(l, 1 - l)``) of all four view sets and targets;
    ``L = soft-CE(mixed x) + lambda_u * rampup * MSE(softmax(mixed u), targets) + KL(uniform ||
-   mean prediction)``.
+   mean prediction)`` (``mixmatch_rows: all``, the CIFAR script), or only the mixed x rows with
+   ``L = soft-CE + KL`` (``mixmatch_rows: labeled``, the Clothing1M/WebVision scripts). The ramp is
+   ``clip((epoch + step / (n_labeled // B + 1) - warmup) / rampup_epochs, 0, 1)``, as the original.
 
 The pair predicts with the sum of the heads' logits; for linear heads that is one linear head (the
-mean of the two is returned as ``head_state``). Views of a frozen feature are made in feature space
-(dropout + per-dimension Gaussian jitter; mixup of features), see :mod:`turnctl.methods.common`.
+mean of the two is returned as ``head_state``). The per-noise-level values the original uses are
+keys of the recipe section (:class:`turnctl.recipe.DivideMixSection` lists them per level).
 
-Choices the papers leave open on frozen features (recipe section ``dividemix``): warm-up length 5
-of the 20 LP epochs; the heads use the probe's optimizer, lr, weight decay, batch size and schedule
-(cosine over training progress); warm-up uses the probe's batch size (DivideMix doubles it) and no
-confidence penalty (DivideMix adds one for asymmetric noise only). A division that labels no sample
-keeps the ``batch_size`` samples with the highest clean posterior (logged), so training never stalls.
+Where this differs from the original, and why:
+
+* views of a frozen feature are made in feature space (dropout + per-dimension Gaussian jitter;
+  mixup of features), see :mod:`turnctl.methods.common`: the backbone never runs again;
+* warm-up length 5 of the 20 LP epochs (the original: 10 or 30 of 300 on CIFAR), the ramp-up of
+  16 epochs therefore never completes (15/16 of ``lambda_u`` at the last epoch), and the heads use
+  the probe's optimizer, lr, weight decay, batch size and schedule (cosine over training progress),
+  not 300 epochs of SGD at 0.02 with a step at 150: the LP's budget;
+* a division that labels no sample keeps the ``batch_size`` samples with the highest clean
+  posterior (logged), where the original would stop with an empty loader; an empty unlabeled set
+  gives ``Lu = 0``;
+* the GMM starts from a deterministic 2-means, not scikit-learn's random k-means start.
 
 >>> import torch
 >>> from turnctl.recipe import DivideMixSection, ProbeSection
@@ -53,9 +64,9 @@ import torch
 import torch.nn.functional as F
 
 from turnctl.methods.common import (
-    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, cosine_lr, cycle_batches, linear_rampup,
-    log_epoch, mean_head, mixup, pick_device, prepare_eval_sets, resident, row_mask, selection_stats, sharpen,
-    soft_cross_entropy, uniform_prior_penalty, warmup_epoch,
+    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, co_guess, cosine_lr, cycle_batches,
+    linear_rampup, log_epoch, mean_head, mixmatch_terms, pick_device, prepare_eval_sets, ramp_position,
+    refine_labels, resident, row_mask, selection_stats, warmup_epoch,
 )
 from turnctl.recipe import DivideMixSection, ProbeSection
 
@@ -154,28 +165,24 @@ def per_sample_losses(head: Head, X: torch.Tensor, Y: torch.Tensor, chunk: int =
 
 def mixmatch_step(net: Head, other: Head, x1: torch.Tensor, x2: torch.Tensor, y_onehot: torch.Tensor,
                   w: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, *, temperature: float, alpha: float,
-                  lambda_u: float, rng: np.random.Generator, generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
+                  lambda_u: float, rng: np.random.Generator, generator: torch.Generator,
+                  rows: str = "all") -> Tuple[torch.Tensor, Dict[str, float]]:
     """DivideMix's loss for ``net`` on one batch (two views of labeled x and of unlabeled u).
 
     Returns the loss (with graph) and its parts. ``u1``/``u2`` may have zero rows (no unlabeled
-    sample left): the unlabeled term is then 0.
+    sample left): the unlabeled term is then 0. ``rows``: see
+    :func:`turnctl.methods.common.mixmatch_terms`.
     """
     bx, bu = x1.shape[0], u1.shape[0]
-    with torch.no_grad():
-        # co-refinement of the labels (net only) and co-guessing on unlabeled (both heads)
-        px = (torch.softmax(net(x1), 1) + torch.softmax(net(x2), 1)) / 2
-        tx = sharpen(w[:, None] * y_onehot + (1 - w[:, None]) * px, temperature)
-        if bu:
-            pu = (torch.softmax(net(u1), 1) + torch.softmax(net(u2), 1)
-                  + torch.softmax(other(u1), 1) + torch.softmax(other(u2), 1)) / 4
-            tu = sharpen(pu, temperature)
-    inputs = torch.cat([x1, x2, u1, u2]) if bu else torch.cat([x1, x2])
-    targets = torch.cat([tx, tx, tu, tu]) if bu else torch.cat([tx, tx])
-    mixed_x, mixed_t, _ = mixup(inputs, targets, alpha=alpha, rng=rng, generator=generator)
-    logits = net(mixed_x)
-    lx = soft_cross_entropy(logits[:2 * bx], mixed_t[:2 * bx])
-    lu = torch.mean((torch.softmax(logits[2 * bx:], 1) - mixed_t[2 * bx:]) ** 2) if bu else logits.new_zeros(())
-    penalty = uniform_prior_penalty(logits)
+    # co-refinement of the labels (net only) and co-guessing on unlabeled (both heads)
+    tx = refine_labels(net, x1, x2, y_onehot, w, temperature)
+    if bu:
+        tu = co_guess(net, other, u1, u2, temperature)
+        inputs, targets = torch.cat([x1, x2, u1, u2]), torch.cat([tx, tx, tu, tu])
+    else:
+        inputs, targets = torch.cat([x1, x2]), torch.cat([tx, tx])
+    lx, lu, penalty = mixmatch_terms(net, inputs, targets, 2 * bx, alpha=alpha, rows=rows, rng=rng,
+                                     generator=generator)
     loss = lx + lambda_u * lu + penalty
     return loss, {"lx": float(lx.detach()), "lu": float(lu.detach()), "penalty": float(penalty.detach())}
 
@@ -211,6 +218,7 @@ def train_dividemix(
     X, Y = resident(features, dev), labels.to(dev, torch.long)
     n, dim = X.shape
     B = min(probe.batch_size, max(n, 1))
+    Bw = min(B * config.warmup_batch_factor, n)  # DivideMix's warm-up loaders use 2x the batch
     evals = prepare_eval_sets(eval_sets, dev)
     gen = torch.Generator().manual_seed(int(seed))
     rng = np.random.default_rng(int(seed))
@@ -230,7 +238,8 @@ def train_dividemix(
         row: Dict[str, Any] = {"phase": "lp", "epoch": epoch + 1}
         lr_at = (lambda frac, e=epoch: cosine_lr(probe.lr, probe.schedule, (e + frac) / E))
         if epoch < config.warmup_epochs:
-            losses = [warmup_epoch(h, X, Y, batch_size=B, generator=gen, lr_at=lr_at) for h in heads]
+            losses = [warmup_epoch(h, X, Y, batch_size=Bw, generator=gen, lr_at=lr_at, penalty=config.warmup_penalty)
+                      for h in heads]
             row.update(stage="warmup", train_loss=float(np.mean(losses)))
         else:
             norm = []
@@ -281,11 +290,11 @@ def _ssl_epoch(net: Head, other: Head, X, onehot, d: Division, *, views: Feature
             u1, u2 = views(u, generator=generator), views(u, generator=generator)
         else:
             u1 = u2 = x1[:0]
-        lam_u = linear_rampup(epoch + k / steps, warmup=config.warmup_epochs, length=config.rampup_epochs,
-                              weight=config.lambda_u)
+        lam_u = linear_rampup(ramp_position(epoch, k, lab.numel(), batch_size), warmup=config.warmup_epochs,
+                              length=config.rampup_epochs, weight=config.lambda_u)
         loss, _ = mixmatch_step(net, other, x1, x2, onehot.index_select(0, rows), w.index_select(0, pick), u1, u2,
                                 temperature=config.temperature, alpha=config.alpha, lambda_u=lam_u, rng=rng,
-                                generator=generator)
+                                generator=generator, rows=config.mixmatch_rows)
         net.step(loss, lr_at(k / steps))
         total += float(loss.detach()) * rows.numel()
     return total, int(lab.numel())

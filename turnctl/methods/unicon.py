@@ -1,34 +1,53 @@
 """UNICON as a linear probe (lp-unicon): two linear heads on cached features, uniform selection.
 
 UNICON (Karim et al., CVPR 2022), LP only as in the TURN paper. After ``warmup_epochs`` epochs of
-plain CE for both heads, every epoch, for head A then head B (the scores are recomputed in between,
-as UNICON's training loop does):
+CE for both heads (batches of ``warmup_batch_factor`` x B, plus the confidence penalty
+``mean sum p log p`` when ``warmup_penalty``), every epoch, for head A then head B (the scores are
+recomputed in between, as UNICON's training loop does):
 
 1. **Score.** ``d_i = JSD(p_i, onehot(y_i))`` with ``p_i`` the mean of the two heads' softmax on the
-   (unaugmented) feature; base-2 logarithms, so ``d`` lies in [0, 1] (UNICON's paper) and
-   ``d_u = 0.7`` is meaningful; ``KL(p || m) = sum p log2((p + 1e-10) / (m + 1e-10))`` as UNICON's code.
-2. **Uniform selection.** ``threshold = mean(d)`` (lowered to ``mean - (mean - min(d)) / tau_f`` when
-   the mean exceeds ``d_u``), selection rate ``SR = |{d < threshold}| / N``; in every class c keep the
-   ``int(SR * N / C)`` samples with the lowest ``d`` (all of them when the class is smaller): this is
-   the labeled set, the rest is unlabeled. Label-refinement weights: ``w_i = 1 - d_i``, except
-   ``w_i = 1`` where ``d_i < 0.5`` (UNICON's "weight adjustment").
-3. **Train** the head with four views per sample (two weak, two strong): co-guessing on weak views
-   of u with both heads, co-refinement on weak views of x, MixMatch on the strong views
-   (``Lx + lambda_u * rampup * Lu + KL(uniform || mean prediction)``) plus ``lambda_c`` times the
-   SimCLR (NT-Xent) loss between the two strong views of u at temperature 0.05.
+   (unaugmented) feature, in **natural** logarithms as UNICON's code computes it:
+   ``KL(a || m) = sum a ln((a + 1e-10) / (m + 1e-10))``, ``JSD = KL(p || m) / 2 + KL(q || m) / 2``,
+   ``m = (p + q) / 2``; so ``0 <= d <= ln 2 = 0.693``.
+2. **Uniform selection.** ``threshold = mean(d)``, lowered to ``mean - (mean - min(d)) / tau`` when
+   the mean exceeds ``d_u`` (with natural-log JSD the mean cannot exceed UNICON's ``d_u = 0.7``, so
+   in the original, as here, the cut never fires at that value); selection rate
+   ``SR = |{d < threshold}| / N``; in every class c (of the given labels) keep the
+   ``int(SR * N / C)`` samples with the lowest ``d`` (all of them when the class is smaller): the
+   labeled set, the rest is unlabeled. Label-refinement weights ``w_i = 1 - d_i``, except ``w_i = 1``
+   where ``d_i < 0.5`` (UNICON's "weight adjustment", the same 0.5 on the natural-log scale).
+3. **Train** the head, one pass over the labeled set in batches of B (the short last batch dropped,
+   as UNICON's loader) with unlabeled batches of ``int(B / (k * SR))`` (``k = unlabeled_batch_k``:
+   2 in UNICON's CIFAR loader, 1 in its authors' high-noise setting; B when null, as its
+   Clothing1M/WebVision loaders), four views per sample (two weak, two strong): co-guessing on two
+   views of u with both heads, co-refinement on two views of x, MixMatch on the other two
+   (``Lx + lambda_u * rampup * Lu + KL(uniform || mean prediction)``, or without ``Lu`` when
+   ``mixmatch_rows`` is "labeled") plus ``lambda_c`` times the SimCLR (NT-Xent) loss between those
+   two views of u at temperature 0.05. ``guess_views``: "weak" (CIFAR) guesses on the weak views and
+   mixes/contrasts the strong ones; "strong" (Clothing1M/WebVision scripts) the reverse.
 
-Frozen-feature choices (documented, recipe section ``unicon``):
+The per-dataset values the original uses are keys of the recipe section
+(:class:`turnctl.recipe.UniconSection` lists them).
+
+Where this differs from the original, and why:
 
 * views are made in feature space (see :mod:`turnctl.methods.common`): weak = dropout ``p`` and
-  jitter ``s``; strong = both multiplied by ``strong_factor`` (2);
+  jitter ``s``; strong = both multiplied by ``strong_factor`` (2); the backbone never runs again;
 * **the contrastive embedding is the head's output** (the L2-normalised logits). UNICON puts a
   projection head on the encoder and the contrastive loss trains the encoder; here the encoder is
   frozen, so a separate projection head would receive the contrastive gradient alone and leave the
   classifier untouched (the loss would be a no-op). Applied to the logits, it asks the classifier
-  to map two views of a sample to the same direction and different samples apart;
-* the NT-Xent loss is the mean over the 2B anchors of ``-log(exp(s_pos / t) / sum_{k != i}
-  exp(s_ik / t))``; i.e. SupCon's unsupervised form with ``base_temperature = temperature``;
-* warm-up 5 of the 20 LP epochs, the probe's optimizer/lr/batch size/schedule, as for DivideMix.
+  to map two views of a sample to the same direction and different samples apart. The loss itself is
+  UNICON's ``SupConLoss`` without labels (temperature = base temperature = 0.05);
+* warm-up 5 of the 20 LP epochs and the probe's optimizer/lr/batch size/schedule, as for DivideMix
+  (the original: 10 or 30 of 350 epochs, SGD 0.02, cosine over 280); the 16-epoch ramp-up of
+  ``lambda_u`` does not complete within 15 SSL epochs;
+* an unlabeled batch larger than the unlabeled set is cut to the set's size (the original's loader,
+  which drops short batches, would have none and stop); a labeled set smaller than one batch is used
+  as one short batch (the original's would train zero steps); an empty selection skips the head
+  for the epoch (the original divides by SR = 0);
+* the original fills its labeled index array with zeros where the per-class counts do not add up
+  to ``int(SR * N)`` (sample 0 repeated in the labeled set); not reproduced.
 
 >>> import torch
 >>> from turnctl.recipe import ProbeSection, UniconSection
@@ -45,7 +64,6 @@ Frozen-feature choices (documented, recipe section ``unicon``):
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -55,33 +73,48 @@ import torch
 import torch.nn.functional as F
 
 from turnctl.methods.common import (
-    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, cosine_lr, cycle_batches, linear_rampup,
-    log_epoch, mean_head, mixup, pick_device, prepare_eval_sets, resident, row_mask, selection_stats, sharpen,
-    soft_cross_entropy, uniform_prior_penalty, warmup_epoch,
+    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, co_guess, cosine_lr, cycle_batches,
+    linear_rampup, log_epoch, mean_head, mixmatch_terms, pick_device, prepare_eval_sets, ramp_position,
+    refine_labels, resident, row_mask, selection_stats, warmup_epoch,
 )
 from turnctl.recipe import ProbeSection, UniconSection
 
 log = logging.getLogger("turnctl")
 
-_KL_EPS = 1e-10  # UNICON's kl_divergence: p * log((p + eps) / (q + eps))
+_KL_EPS = 1e-10  # UNICON's kl_divergence: p * ln((p + eps) / (q + eps))
+# UNICON's "weight adjustment": a selected sample with JSD below this gets refinement weight 1.
+_FULL_WEIGHT_BELOW = 0.5
 
 
 def jsd_to_labels(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence (base 2, in [0, 1]) between each row of ``probs`` and its one-hot label.
+    """Jensen-Shannon divergence (natural log, in [0, ln 2]) between each row of ``probs`` and its
+    one-hot label, as UNICON's code: ``JSD(p, q) = KL(p || m) / 2 + KL(q || m) / 2``, ``m = (p + q) / 2``.
 
-    ``JSD(p, q) = KL(p || m) / 2 + KL(q || m) / 2``, ``m = (p + q) / 2``.
-
-    >>> jsd_to_labels(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])).tolist()
-    [0.0, 1.0]
+    >>> [round(v, 4) for v in jsd_to_labels(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])).tolist()]
+    [0.0, 0.6931]
     """
     p = probs.double()
     q = F.one_hot(labels.long(), p.shape[1]).double()
     m = (p + q) / 2
 
     def kl(a, b):
-        return (a * torch.log2((a + _KL_EPS) / (b + _KL_EPS))).sum(dim=1)
+        return (a * torch.log((a + _KL_EPS) / (b + _KL_EPS))).sum(dim=1)
 
     return (0.5 * kl(p, m) + 0.5 * kl(q, m)).float()
+
+
+def selection_threshold(jsd: torch.Tensor, *, d_u: Optional[float], filter_coefficient: float) -> float:
+    """UNICON's cut-off: the mean JSD, lowered by ``(mean - min) / tau`` when the mean exceeds ``d_u``.
+
+    >>> d = torch.tensor([0.25, 0.5, 0.75])  # mean 0.5, min 0.25
+    >>> selection_threshold(d, d_u=0.3, filter_coefficient=5.0), selection_threshold(d, d_u=0.7, filter_coefficient=5.0)
+    (0.45, 0.5)
+    """
+    d = jsd.float()
+    threshold = float(d.mean())
+    if d_u is not None and threshold > d_u:
+        threshold = threshold - (threshold - float(d.min())) / filter_coefficient
+    return threshold
 
 
 @dataclass
@@ -100,19 +133,17 @@ def uniform_selection(jsd: torch.Tensor, labels: torch.Tensor, *, num_classes: i
                       filter_coefficient: float = 5.0) -> UniformSelection:
     """Class-balanced selection of the lowest-JSD samples (UNICON's uniform selection).
 
-    >>> d = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.8, 0.05])
+    >>> d = torch.tensor([0.1, 0.6, 0.2, 0.3, 0.55, 0.05])
     >>> s = uniform_selection(d, torch.tensor([0, 0, 0, 1, 1, 1]), num_classes=2)
     >>> round(s.threshold, 4), s.selection_rate, s.per_class  # 4 of 6 below the mean: int(4/6*6/2) = 2
-    (0.3917, 0.6666666666666666, 2)
+    (0.3, 0.6666666666666666, 2)
     >>> s.labeled.tolist(), s.weights.tolist()
     ([0, 2, 3, 5], [1.0, 1.0, 1.0, 1.0])
     """
     d = jsd.float().cpu()
     y = labels.long().cpu()
     n = d.numel()
-    threshold = float(d.mean())
-    if d_u is not None and threshold > d_u:
-        threshold = threshold - (threshold - float(d.min())) / filter_coefficient
+    threshold = selection_threshold(d, d_u=d_u, filter_coefficient=filter_coefficient)
     sr = float((d < threshold).sum()) / max(n, 1)
     k = int(sr * n / num_classes)
     keep = torch.zeros(n, dtype=torch.bool)
@@ -124,15 +155,34 @@ def uniform_selection(jsd: torch.Tensor, labels: torch.Tensor, *, num_classes: i
             keep[rows[order]] = True
     labeled = torch.nonzero(keep).squeeze(1)
     w = 1.0 - d[labeled]
-    w = torch.where(d[labeled] < 0.5, torch.ones_like(w), w)
+    w = torch.where(d[labeled] < _FULL_WEIGHT_BELOW, torch.ones_like(w), w)
     return UniformSelection(labeled=labeled, weights=w, unlabeled=torch.nonzero(~keep).squeeze(1),
                             threshold=threshold, selection_rate=sr, per_class=k)
+
+
+def unlabeled_batch_size(batch_size: int, selection_rate: float, k: Optional[float], n_unlabeled: int) -> int:
+    """UNICON's unlabeled batch per labeled batch: ``int(B / (k * SR))`` (``B`` when ``k`` is None),
+    cut to the unlabeled set's size; 0 when there is no unlabeled sample.
+
+    >>> unlabeled_batch_size(64, 0.3, 2.0, 10**6), unlabeled_batch_size(64, 0.3, 1.0, 10**6)  # 64/0.6, 64/0.3
+    (106, 213)
+    >>> unlabeled_batch_size(64, 0.3, None, 10**6), unlabeled_batch_size(64, 0.01, 2.0, 500)
+    (64, 500)
+    """
+    if n_unlabeled <= 0:
+        return 0
+    if k is None or selection_rate <= 0:
+        size = batch_size
+    else:
+        size = int(batch_size / (k * selection_rate))
+    return max(1, min(size, n_unlabeled))
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent loss between two views (rows of ``z1`` and ``z2`` are positive pairs).
 
-    Rows are L2-normalised; anchors are all 2B rows; the other 2B - 1 rows are the candidates.
+    Rows are L2-normalised; anchors are all 2B rows; the other 2B - 1 rows are the candidates
+    (UNICON's ``SupConLoss`` without labels, temperature = base temperature).
 
     >>> z = torch.eye(2)
     >>> round(float(nt_xent(z, z, temperature=1.0)), 4)  # -log(e / (e + 1 + 1))
@@ -147,32 +197,33 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float) -> torch.
     return F.cross_entropy(sim, pos)
 
 
+def split_views(views: List[torch.Tensor], guess_views: str) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """``(pair for guessing/refinement, pair for mixup and the contrastive loss)`` of the four views
+    ``[weak, weak, strong, strong]``: UNICON's CIFAR script guesses on the weak pair, its
+    Clothing1M/WebVision scripts on the strong pair."""
+    weak, strong = views[:2], views[2:]
+    return (weak, strong) if guess_views == "weak" else (strong, weak)
+
+
 def unicon_step(net: Head, other: Head, xv: List[torch.Tensor], y_onehot: torch.Tensor, w: torch.Tensor,
                 uv: List[torch.Tensor], *, config: UniconSection, lambda_u: float, rng: np.random.Generator,
                 generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
     """UNICON's loss for ``net`` on one batch: ``xv``/``uv`` are the four views (weak, weak, strong,
     strong) of the labeled and unlabeled rows; ``uv`` may have zero rows."""
-    x1, x2, x3, x4 = xv
-    u1, u2, u3, u4 = uv
+    (x1, x2), (x3, x4) = split_views(xv, config.guess_views)
+    (u1, u2), (u3, u4) = split_views(uv, config.guess_views)
     bx, bu = x1.shape[0], u1.shape[0]
     T = config.temperature
-    with torch.no_grad():
-        px = (torch.softmax(net(x1), 1) + torch.softmax(net(x2), 1)) / 2
-        tx = sharpen(w[:, None] * y_onehot + (1 - w[:, None]) * px, T)
-        if bu:
-            pu = (torch.softmax(net(u1), 1) + torch.softmax(net(u2), 1)
-                  + torch.softmax(other(u1), 1) + torch.softmax(other(u2), 1)) / 4
-            tu = sharpen(pu, T)
-    inputs = torch.cat([x3, x4, u3, u4]) if bu else torch.cat([x3, x4])
-    targets = torch.cat([tx, tx, tu, tu]) if bu else torch.cat([tx, tx])
-    mixed_x, mixed_t, _ = mixup(inputs, targets, alpha=config.alpha, rng=rng, generator=generator)
-    logits = net(mixed_x)
-    lx = soft_cross_entropy(logits[:2 * bx], mixed_t[:2 * bx])
-    zero = logits.new_zeros(())
-    lu = torch.mean((torch.softmax(logits[2 * bx:], 1) - mixed_t[2 * bx:]) ** 2) if bu else zero
+    tx = refine_labels(net, x1, x2, y_onehot, w, T)
+    if bu:
+        tu = co_guess(net, other, u1, u2, T)
+        inputs, targets = torch.cat([x3, x4, u3, u4]), torch.cat([tx, tx, tu, tu])
+    else:
+        inputs, targets = torch.cat([x3, x4]), torch.cat([tx, tx])
+    lx, lu, penalty = mixmatch_terms(net, inputs, targets, 2 * bx, alpha=config.alpha, rows=config.mixmatch_rows,
+                                     rng=rng, generator=generator)
     # the contrastive pair needs at least two samples (one negative)
-    lc = nt_xent(net(u3), net(u4), temperature=config.contrastive_temperature) if bu > 1 else zero
-    penalty = uniform_prior_penalty(logits)
+    lc = nt_xent(net(u3), net(u4), temperature=config.contrastive_temperature) if bu > 1 else lx.new_zeros(())
     loss = lx + lambda_u * lu + config.lambda_c * lc + penalty
     return loss, {"lx": float(lx.detach()), "lu": float(lu.detach()), "lc": float(lc.detach()),
                   "penalty": float(penalty.detach())}
@@ -212,6 +263,7 @@ def train_unicon(
     X, Y = resident(features, dev), labels.to(dev, torch.long)
     n, dim = X.shape
     B = min(probe.batch_size, max(n, 1))
+    Bw = min(B * config.warmup_batch_factor, n)  # UNICON's warm-up loaders: 2x (CIFAR), 4x (WebVision)
     evals = prepare_eval_sets(eval_sets, dev)
     gen = torch.Generator().manual_seed(int(seed))
     rng = np.random.default_rng(int(seed))
@@ -230,7 +282,8 @@ def train_unicon(
         row: Dict[str, Any] = {"phase": "lp", "epoch": epoch + 1}
         lr_at = (lambda frac, e=epoch: cosine_lr(probe.lr, probe.schedule, (e + frac) / E))
         if epoch < config.warmup_epochs:
-            losses = [warmup_epoch(h, X, Y, batch_size=B, generator=gen, lr_at=lr_at) for h in heads]
+            losses = [warmup_epoch(h, X, Y, batch_size=Bw, generator=gen, lr_at=lr_at, penalty=config.warmup_penalty)
+                      for h in heads]
             row.update(stage="warmup", train_loss=float(np.mean(losses)))
         else:
             total, count = 0.0, 0
@@ -238,14 +291,16 @@ def train_unicon(
                 jsd = pair_jsd(heads, X, Y)  # recomputed after the first head has trained, as UNICON
                 sel = uniform_selection(jsd, Y, num_classes=num_classes, d_u=config.d_u,
                                         filter_coefficient=config.filter_coefficient)
+                bu = unlabeled_batch_size(B, sel.selection_rate, config.unlabeled_batch_k, sel.unlabeled.numel())
                 row.update({f"head{k}_selection_rate": sel.selection_rate, f"head{k}_threshold": sel.threshold,
+                            f"head{k}_unlabeled_batch": bu,
                             **selection_stats(row_mask(sel.labeled, n), labels, clean, f"head{k}_")})
                 if sel.labeled.numel() == 0:
                     log.warning("unicon epoch %d: the uniform selection is empty (SR %.3f); head %d skips "
                                 "this epoch", epoch + 1, sel.selection_rate, k)
                     continue
                 l, c = _ssl_epoch(net, other, X, onehot, sel, views=views, config=config, batch_size=B,
-                                  epoch=epoch, rng=rng, generator=gen, lr_at=lr_at)
+                                  unlabeled_batch=bu, epoch=epoch, rng=rng, generator=gen, lr_at=lr_at)
                 total, count = total + l, count + c
                 state = {"jsd": jsd.numpy(), "labeled": sel.labeled.numpy()}
             row.update(stage="ssl", train_loss=total / max(count, 1))
@@ -261,28 +316,35 @@ def train_unicon(
 
 
 def _ssl_epoch(net: Head, other: Head, X, onehot, sel: UniformSelection, *, views: FeatureViews,
-               config: UniconSection, batch_size: int, epoch: int, rng, generator, lr_at) -> Tuple[float, int]:
+               config: UniconSection, batch_size: int, unlabeled_batch: int, epoch: int, rng, generator,
+               lr_at) -> Tuple[float, int]:
+    """One pass of ``net`` over the labeled set in full batches (UNICON's loaders drop the short last
+    one; a set smaller than one batch is one short batch), unlabeled batches of ``unlabeled_batch``
+    cycling alongside; (loss sum, samples trained on)."""
     dev = X.device
     lab, w = sel.labeled.to(dev), sel.weights.to(dev)
-    order = torch.randperm(lab.numel(), generator=generator).to(dev)
-    steps = max(1, math.ceil(lab.numel() / batch_size))
-    unl = cycle_batches(sel.unlabeled.to(dev), batch_size, generator) if sel.unlabeled.numel() else None
+    n_l = lab.numel()
+    order = torch.randperm(n_l, generator=generator).to(dev)
+    steps = max(1, n_l // batch_size)
+    unl = (cycle_batches(sel.unlabeled.to(dev), unlabeled_batch, generator, drop_last=True)
+           if unlabeled_batch > 0 else None)
     strong = config.strong_factor
 
     def four(v):
         return [views(v, generator=generator), views(v, generator=generator),
                 views(v, generator=generator, strength=strong), views(v, generator=generator, strength=strong)]
 
-    total = 0.0
+    total, seen = 0.0, 0
     for k in range(steps):
         pick = order[k * batch_size:(k + 1) * batch_size]
         rows = lab.index_select(0, pick)
         xv = four(X.index_select(0, rows))
         uv = four(X.index_select(0, next(unl))) if unl is not None else [v[:0] for v in xv]
-        lam_u = linear_rampup(epoch + k / steps, warmup=config.warmup_epochs, length=config.rampup_epochs,
-                              weight=config.lambda_u)
+        lam_u = linear_rampup(ramp_position(epoch, k, n_l, batch_size), warmup=config.warmup_epochs,
+                              length=config.rampup_epochs, weight=config.lambda_u)
         loss, _ = unicon_step(net, other, xv, onehot.index_select(0, rows), w.index_select(0, pick), uv,
                               config=config, lambda_u=lam_u, rng=rng, generator=generator)
         net.step(loss, lr_at(k / steps))
         total += float(loss.detach()) * rows.numel()
-    return total, int(lab.numel())
+        seen += rows.numel()
+    return total, seen
