@@ -31,3 +31,12 @@ def test_every_row_of_the_bad_input_table_names_existing_tests():
 
 def test_the_readme_links_the_bad_input_table():
     assert "docs/BAD_INPUT.md" in (REPO / "README.md").read_text()
+
+
+def test_every_test_the_protocol_names_exists():
+    text = (REPO / "docs" / "PROTOCOL.md").read_text()
+    refs = REF.findall(text)
+    assert len(refs) >= 5
+    missing = [f"{f}::{n}" for f, n in refs if not (REPO / f).is_file() or n not in _test_names(REPO / f)]
+    assert not missing, f"docs/PROTOCOL.md names tests that do not exist: {missing}"
+    assert "docs/PROTOCOL.md" in (REPO / "README.md").read_text()
