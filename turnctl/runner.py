@@ -329,7 +329,6 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
     from pathlib import Path
 
     from turnctl.features import extract_features
-    from turnctl.probe import train_linear_probe
 
     cache_dir = recipe.features.cache_dir or str(Path(recipe.data.shards) / ".features")
     forward = tuner.module.features if tuner is not None else backbone.features

@@ -182,6 +182,21 @@ def refine_labels(net: "Head", x1: torch.Tensor, x2: torch.Tensor, y_onehot: tor
     return sharpen(w[:, None] * y_onehot + (1 - w[:, None]) * px, temperature)
 
 
+def mixmatch_batch(net: "Head", other: "Head", guess_x: Tuple[torch.Tensor, torch.Tensor],
+                   guess_u: Tuple[torch.Tensor, torch.Tensor], mix_x: Tuple[torch.Tensor, torch.Tensor],
+                   mix_u: Tuple[torch.Tensor, torch.Tensor], y_onehot: torch.Tensor, w: torch.Tensor,
+                   temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MixMatch's ``(inputs, targets)`` for :func:`mixmatch_terms`: labels co-refined (``net``) on the
+    two labeled guess views, co-guessed (both heads) on the two unlabeled guess views, attached to
+    the mix views (DivideMix: the same views; UNICON: the other pair); no unlabeled rows when ``u``
+    is empty."""
+    tx = refine_labels(net, *guess_x, y_onehot, w, temperature)
+    if guess_u[0].shape[0]:
+        tu = co_guess(net, other, *guess_u, temperature)
+        return torch.cat([*mix_x, *mix_u]), torch.cat([tx, tx, tu, tu])
+    return torch.cat(mix_x), torch.cat([tx, tx])
+
+
 def mixmatch_terms(net: "Head", inputs: torch.Tensor, targets: torch.Tensor, n_labeled: int, *, alpha: float,
                    rows: str, rng: np.random.Generator,
                    generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

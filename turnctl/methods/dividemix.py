@@ -64,9 +64,9 @@ import torch
 import torch.nn.functional as F
 
 from turnctl.methods.common import (
-    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, co_guess, cosine_lr, cycle_batches,
-    linear_rampup, log_epoch, mean_head, mixmatch_terms, pick_device, prepare_eval_sets, ramp_position,
-    refine_labels, resident, row_mask, selection_stats, warmup_epoch,
+    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, cosine_lr, cycle_batches,
+    linear_rampup, log_epoch, mean_head, mixmatch_batch, mixmatch_terms, pick_device, prepare_eval_sets, ramp_position,
+    resident, row_mask, selection_stats, warmup_epoch,
 )
 from turnctl.recipe import DivideMixSection, ProbeSection
 
@@ -173,14 +173,9 @@ def mixmatch_step(net: Head, other: Head, x1: torch.Tensor, x2: torch.Tensor, y_
     sample left): the unlabeled term is then 0. ``rows``: see
     :func:`turnctl.methods.common.mixmatch_terms`.
     """
-    bx, bu = x1.shape[0], u1.shape[0]
-    # co-refinement of the labels (net only) and co-guessing on unlabeled (both heads)
-    tx = refine_labels(net, x1, x2, y_onehot, w, temperature)
-    if bu:
-        tu = co_guess(net, other, u1, u2, temperature)
-        inputs, targets = torch.cat([x1, x2, u1, u2]), torch.cat([tx, tx, tu, tu])
-    else:
-        inputs, targets = torch.cat([x1, x2]), torch.cat([tx, tx])
+    bx = x1.shape[0]
+    # co-refinement of the labels (net only) and co-guessing on unlabeled (both heads), same views
+    inputs, targets = mixmatch_batch(net, other, (x1, x2), (u1, u2), (x1, x2), (u1, u2), y_onehot, w, temperature)
     lx, lu, penalty = mixmatch_terms(net, inputs, targets, 2 * bx, alpha=alpha, rows=rows, rng=rng,
                                      generator=generator)
     loss = lx + lambda_u * lu + penalty

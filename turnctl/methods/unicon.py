@@ -73,9 +73,9 @@ import torch
 import torch.nn.functional as F
 
 from turnctl.methods.common import (
-    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, co_guess, cosine_lr, cycle_batches,
-    linear_rampup, log_epoch, mean_head, mixmatch_terms, pick_device, prepare_eval_sets, ramp_position,
-    refine_labels, resident, row_mask, selection_stats, warmup_epoch,
+    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, cosine_lr, cycle_batches,
+    linear_rampup, log_epoch, mean_head, mixmatch_batch, mixmatch_terms, pick_device, prepare_eval_sets, ramp_position,
+    resident, row_mask, selection_stats, warmup_epoch,
 )
 from turnctl.recipe import ProbeSection, UniconSection
 
@@ -213,13 +213,8 @@ def unicon_step(net: Head, other: Head, xv: List[torch.Tensor], y_onehot: torch.
     (x1, x2), (x3, x4) = split_views(xv, config.guess_views)
     (u1, u2), (u3, u4) = split_views(uv, config.guess_views)
     bx, bu = x1.shape[0], u1.shape[0]
-    T = config.temperature
-    tx = refine_labels(net, x1, x2, y_onehot, w, T)
-    if bu:
-        tu = co_guess(net, other, u1, u2, T)
-        inputs, targets = torch.cat([x3, x4, u3, u4]), torch.cat([tx, tx, tu, tu])
-    else:
-        inputs, targets = torch.cat([x3, x4]), torch.cat([tx, tx])
+    inputs, targets = mixmatch_batch(net, other, (x1, x2), (u1, u2), (x3, x4), (u3, u4), y_onehot, w,
+                                     config.temperature)
     lx, lu, penalty = mixmatch_terms(net, inputs, targets, 2 * bx, alpha=config.alpha, rows=config.mixmatch_rows,
                                      rng=rng, generator=generator)
     # the contrastive pair needs at least two samples (one negative)
