@@ -13,6 +13,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
 "$PY" benchmarks/bench_probe.py
 "$PY" benchmarks/bench_extract.py
 "$PY" benchmarks/bench_turn_vs_fft.py --repeats "${REPEATS:-1}"
+"$PY" benchmarks/bench_reproducible.py   # the demo twice, ~6 min
+"$PY" benchmarks/bench_protocol.py       # every method, 2 noise levels, 3 seeds: ~1 h on 2 cores
 if [ "$gpu" = 1 ]; then
   deepspeed --num_gpus 1 benchmarks/bench_gpu_finetune.py
 else
