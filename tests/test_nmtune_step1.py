@@ -50,7 +50,8 @@ def noisy_runs():
                                 as_turn_step1=step1)
         model = load_model(out["state"]["nmtune"])
         head = out["head_state"]
-        runs[name] = {"out": out, "model_fit": fitted_flipped(predict(model, train[0]), train[1], train[2]),
+        runs[name] = {"out": out, "val_acc": float((predict(model, val[0]).argmax(1) == val[1]).float().mean()),
+                      "model_fit": fitted_flipped(predict(model, train[0]), train[1], train[2]),
                       "head_fit": fitted_flipped(train[0] @ head["weight"].t() + head["bias"], train[1], train[2]),
                       "head_test": float(((test[0] @ head["weight"].t() + head["bias"]).argmax(1) == test[2])
                                          .float().mean())}
@@ -76,7 +77,8 @@ def test_step1_keeps_the_best_val_epoch_and_reports_it(noisy_runs):
     val = [h["val_acc"] for h in out["history"]]
     assert len(val) == 30 and 1 <= epoch < 30
     assert val[epoch - 1] == max(val) and max(val[:epoch - 1], default=-1.0) < max(val)  # earliest best
-    assert out["summary"]["nmtune_select"] == "best_val"
+    assert out["summary"]["nmtune_select"] == "best_val" and out["kept_epoch"] == epoch
+    assert noisy_runs["step1"]["val_acc"] == pytest.approx(val[epoch - 1])  # the returned model is that epoch's
     agreement = out["summary"]["nmtune_fold_agreement"]
     assert set(agreement) == {"train", "val", "test"} and min(agreement.values()) > 0.85
 

@@ -361,9 +361,9 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
         for mult in (recipe.probe.lr_search or [1.0]):
             cand = _train_step1(recipe, step1, loss, x_train, lr_mult=mult, as_turn_step1=as_turn_step1,
                                 **train_args)
-            last = cand["history"][-1] if cand["history"] else {}
-            searched.append({"lr_multiplier": mult, "lr": cand["lr"], "val_acc": last.get("val_acc")})
-            if out is None or (last.get("val_acc") or -1.0) > (out["history"][-1].get("val_acc") or -1.0):
+            score = _kept_val_accuracy(cand)
+            searched.append({"lr_multiplier": mult, "lr": cand["lr"], "val_acc": score})
+            if out is None or (score if score is not None else -1.0) > (_kept_val_accuracy(out) or -1.0):
                 out = cand
         if recipe.probe.lr_search:
             for row in searched:
@@ -393,6 +393,16 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
     else:
         backbone.head.load_state_dict(head_state)
     return {"head": head_state, "history": history, "feature_cache": cache_state, "summary": summary}
+
+
+def _kept_val_accuracy(step1_out: Dict[str, Any]) -> Optional[float]:
+    """Validation accuracy of the model a step-1 run returns: its last epoch's, or the epoch it kept
+    (NMTune as TURN's step 1 keeps its best-val epoch, ``kept_epoch``, 1-based)."""
+    hist = step1_out["history"]
+    if not hist:
+        return None
+    kept = step1_out.get("kept_epoch")
+    return (hist[kept - 1] if kept else hist[-1]).get("val_acc")
 
 
 def _train_step1(recipe: Recipe, step1: str, loss: str, features: torch.Tensor, *, labels, clean, idx,
