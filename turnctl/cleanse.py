@@ -9,7 +9,7 @@ Two flat functions, in the order the trainer calls them every fine-tuning epoch:
 and :func:`fit_reference_sklearn`, the slow, obviously-correct per-class scikit-learn loop that
 :func:`select_clean` is tested and benchmarked against.
 
-Conventions (DESIGN.md §3, §4; recipe section ``cleanse``)
+Conventions (recipe section ``cleanse``)
 -----------------------------------------------------------
 * **Normalisation is global.** ``normalize="minmax"`` maps the losses of all valid samples to [0, 1]
   with ONE min and max, as DivideMix does, before fitting the per-class mixtures. Why global and

@@ -1,7 +1,7 @@
 """Process-group setup and the collectives turnctl relies on.
 
 Rank and world size come from the environment that every launcher sets (``deepspeed``, ``torchrun``,
-``deepspeed --module``); a plain ``turnctl ...`` is a world of one. Rules kept here (DESIGN.md §2):
+``deepspeed --module``); a plain ``turnctl ...`` is a world of one. Rules kept here:
 
 * every collective runs on every rank;
 * per-sample results are gathered *by idx* and checked: each idx must arrive exactly once;

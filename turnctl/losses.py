@@ -1,4 +1,4 @@
-"""Losses for noisy labels: CE, GCE and ELR (DESIGN.md §4), as flat functions on logits.
+"""Losses for noisy labels: CE, GCE and ELR, as flat functions on logits.
 
 All losses compute in float32 whatever the logits' dtype (bf16 logits under DeepSpeed would lose
 the small probabilities GCE and ELR depend on), and avoid host syncs and data-dependent shapes, so

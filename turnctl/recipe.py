@@ -94,7 +94,7 @@ class FeatureSection(Section):
 
 
 class LossSection(Section):
-    """Loss constants shared by the probe and fine-tuning (DESIGN.md §4)."""
+    """Loss constants shared by the probe and fine-tuning."""
 
     gce_q: float = Field(default=0.7, gt=0.0, le=1.0)
     # literal: (1 - p_y^q) / q;  surrogate: CE * q * p_y^q (same gradient up to a factor q).

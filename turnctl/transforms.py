@@ -1,7 +1,7 @@
 """Image preprocessing and training augmentation without torchvision.
 
 Every transform here is a picklable, module-level callable ``PIL.Image -> FloatTensor[3, H, W]``,
-so WebDataset/DataLoader workers started with spawn or forkserver can use it (DESIGN.md §7).
+so WebDataset/DataLoader workers started with spawn or forkserver can use it.
 torchvision is deliberately absent: its PyPI wheel does not import next to the CPU torch wheel, and
 transformers' image processors may try to import it. Decoding, resizing and cropping use PIL;
 normalisation is one fused multiply-add on a tensor made with ``torch.from_numpy`` (no per-pixel

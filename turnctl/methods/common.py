@@ -3,8 +3,8 @@
 Everything here is local to one process (the runner calls the methods on rank 0, like the linear
 probe, and broadcasts the resulting head).
 
-Views of a frozen feature (DESIGN.md §4 asks to choose and document)
---------------------------------------------------------------------
+Views of a frozen feature (our choice; docs/PROTOCOL.md section 4)
+------------------------------------------------------------------
 DivideMix and UNICON need several augmented views of each sample, but the features are extracted
 once, without augmentation, and the backbone never runs again. We augment **in feature space**:
 

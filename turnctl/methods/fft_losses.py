@@ -4,7 +4,7 @@
 of every rank and expects per-sample losses ``[B]`` (it averages them). :func:`fft_loss_hook` builds
 the hook for a loss name; CE keeps the tuner's built-in loss (``None``).
 
-ELR under several ranks (the choice DESIGN.md §2 leaves to us)
+ELR under several ranks (our choice)
 -------------------------------------------------------------
 ELR keeps one running target per sample, ``t_i <- beta t_i + (1 - beta) p_i / sum(p_i)``, and each
 rank sees different samples. :class:`SyncedELR` keeps the **full** target table (N x C, float32,

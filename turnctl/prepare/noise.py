@@ -1,4 +1,4 @@
-"""Label-noise generators (DESIGN.md §5): seeded, reproducible bit for bit, documented.
+"""Label-noise generators: seeded, reproducible bit for bit, documented.
 
 Every generator takes the true labels and returns new ones; none mutates its input. All randomness
 comes from the ``numpy.random.Generator`` passed in, so the same seed gives the same labels::
