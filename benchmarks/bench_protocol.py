@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
@@ -113,7 +112,8 @@ def main(argv=None) -> int:
             if (out / "compare.json").is_file():  # done by an earlier, interrupted invocation: reuse
                 proc = subprocess.CompletedProcess(cmd, 0)
             else:
-                shutil.rmtree(out, ignore_errors=True)  # a half-done compare of ours: start it again
+                if out.exists():  # a half-done compare: start again beside it, deleting nothing
+                    out = out.with_name(f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
                 with open(out.parent / f"{method}.log", "w") as log_file:
                     proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env)
             if proc.returncode:
