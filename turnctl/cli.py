@@ -16,7 +16,7 @@ from typing import List, Optional
 import click
 
 from turnctl import __version__
-from turnctl.distributed import describe_collective_failure, destroy, env_rank
+from turnctl.distributed import describe_collective_failure, destroy, env_rank, env_world_size
 from turnctl.errors import TurnctlError
 from turnctl.logger import setup_logging
 
@@ -121,7 +121,23 @@ def main(argv: Optional[List[str]] = None) -> None:
         from turnctl.distributed import release_node_resources
 
         release_node_resources()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _leave(code)
+    if env_world_size() > 1:
+        # Even after a clean destroy_process_group, the interpreter's final teardown of a process
+        # that ran gloo collectives (ZeRO-3 above all) now and then destroys a still-joinable C++
+        # thread and aborts: a finished, fully written run then exits -6 and the launcher reports
+        # a failure (seen in CI on rank 1 after summary.json was written). Run the atexit
+        # handlers while everything is alive, then skip the teardown.
+        import atexit
+        import logging
+
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        _leave(code)
     sys.exit(code)
+
+
+def _leave(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
