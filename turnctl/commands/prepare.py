@@ -39,16 +39,20 @@ def _rate(r: Optional[float]) -> str:
               help="none | symmetric:R[:include|exclude] (default convention: "
                    f"{SYMMETRIC_DEFAULT}, i.e. the new label may equal the true one) | "
                    "asymmetric:R[:superclass] | instance:R | human:NAME (with --labels) | file:CSV.")
-@click.option("--noise-seed", type=int, default=0, show_default=True, help="Seed of the noise generator and of the --val-fraction hold-out.")
+@click.option("--noise-seed", type=int, default=0, show_default=True,
+              help="Seed (0 or more) of the noise generator and of the --val-fraction hold-out.")
 @click.option("--labels", "labels", type=click.Path(), default=None,
               help="CIFAR-N label file (CIFAR-10_human.pt / CIFAR-100_human.pt) for --noise human:NAME.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE, show_default=True,
               help="Samples per shard (the last shard of a split may be short).")
 @click.option("--max-side", type=click.IntRange(min=1), default=None,
               help="Shrink images whose longer side exceeds this (re-encoded); default: keep the bytes.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Encoding processes. Default: min(4, CPUs).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (only once the new one is complete).")
+# --workers and --noise-seed are range-checked by prepare_dataset: a one-line error, not click's usage text
+@click.option("--workers", type=int, default=None,
+              help="Encoding processes, at most the CPUs this process may use. Default: min(4, CPUs).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out written by turnctl prepare (only once the new one is complete); "
+                   "a folder turnctl did not write is never replaced.")
 @click.option("--classes", type=click.IntRange(min=1), default=None,
               help="webvision only: keep the first N classes, Google part (mini-WebVision: 50).")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
@@ -60,11 +64,14 @@ def _rate(r: Optional[float]) -> str:
               help="imagefolder only: the folder labels are verified true labels, so they are written as "
                    "clean.cls (purity, recall and true_label are measured against them). Without it an "
                    "imagefolder has no true labels.")
+@click.option("--strict", is_flag=True,
+              help="imagefolder only: a class without training samples (e.g. present only in test/) is an "
+                   "error instead of a warning.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 def command(dataset: str, root: Optional[str], out: Optional[str], noise: Optional[str], noise_seed: int,
             labels: Optional[str], shard_size: int, max_side: Optional[int], workers: Optional[int],
             overwrite: bool, classes: Optional[int], val_fraction: float, labels_verified: bool,
-            as_json: bool) -> None:
+            strict: bool, as_json: bool) -> None:
     """Write DATASET as WebDataset shards with reproducible label noise.
 
     \b
@@ -85,7 +92,8 @@ def command(dataset: str, root: Optional[str], out: Optional[str], noise: Option
     """
     result = prepare_dataset(dataset, root=root, out=out, noise=noise, noise_seed=noise_seed, labels=labels,
                              shard_size=shard_size, max_side=max_side, workers=workers, overwrite=overwrite,
-                             classes=classes, val_fraction=val_fraction, labels_verified=labels_verified)
+                             classes=classes, val_fraction=val_fraction, labels_verified=labels_verified,
+                             strict=strict)
     summary = _summary(result)
     if as_json:
         emit_json(summary)

@@ -6,6 +6,10 @@ failing a training run hours later. JPEG, PNG and WebP bytes are kept as they ar
 (BMP, GIF, TIFF, ...) are re-encoded as PNG, losslessly. A shrink keeps the format (JPEG and WebP
 at quality 90). The worker functions are module-level so that process pools can pickle them.
 
+An image that declares more pixels than :data:`turnctl.pixels.MAX_PIXELS` (a decompression bomb)
+is unreadable here, before its pixels are allocated: the same bound ``train``, ``eval`` and
+``report`` apply to shard members (turnctl/pixels.py), so prepare never writes what they refuse.
+
     >>> import numpy as np
     >>> load_sample(np.zeros((8, 8), dtype=np.uint8))[0]
     'png'
@@ -20,6 +24,8 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
+
+from turnctl import pixels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 THUMB_SIDE = 8  # instance-noise features of file datasets: an 8x8 RGB thumbnail (D = 192)
@@ -80,8 +86,9 @@ def load_file(path: Union[str, Path], *, max_side: Optional[int] = None) -> Tupl
         raise UnreadableImage(f"cannot read: {exc.strerror or exc}") from None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            # pixels.check_size decides; Pillow's own warning (between its limit and twice it) is noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = pixels.open_image(data)
             fmt = im.format
             shrink = bool(max_side) and max(im.size) > max_side
             if fmt == "JPEG":
@@ -90,6 +97,8 @@ def load_file(path: Union[str, Path], *, max_side: Optional[int] = None) -> Tupl
                 im.draft(im.mode if im.mode in ("L", "RGB") else "RGB",
                          (max_side, max_side) if shrink else (1, 1))
             im.load()
+    except pixels.TooManyPixels as exc:
+        raise UnreadableImage(f"too many pixels: {exc}") from None
     except Exception as exc:  # PIL raises many types for bad files; all mean "skip it"
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
     ext = _KEEP.get(fmt or "", "png")
@@ -115,8 +124,15 @@ def thumbnail(item: Union[np.ndarray, str], side: int = THUMB_SIDE) -> Optional[
         if isinstance(item, np.ndarray):
             im = Image.fromarray(np.ascontiguousarray(item))
         else:
-            im = Image.open(item)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(item)
+            try:
+                pixels.check_size(im)
+            except pixels.TooManyPixels:
+                im.close()
+                raise
             im.draft("RGB", (side, side))
         return np.asarray(im.convert("RGB").resize((side, side), Image.Resampling.BILINEAR), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None  # unreadable: the caller counts and lists it (PIL raises these for bad files)
+        return None  # unreadable (pixels.TooManyPixels is a ValueError): the writer skips and lists it

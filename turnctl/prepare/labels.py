@@ -15,6 +15,7 @@ arbitrary pickle (:func:`turnctl.safeload.load_torch_file`). Short names work::
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
@@ -23,7 +24,7 @@ import numpy as np
 
 from turnctl.errors import DataError
 from turnctl.safeload import load_torch_file
-from turnctl.prepare.source import check_range, sanitize_key
+from turnctl.prepare.source import check_range, is_int_text, sanitize_key
 
 
 def resolve_label_set(available: Iterable[str], name: str) -> Optional[str]:
@@ -72,22 +73,38 @@ def load_csv_labels(path: Path, *, num_classes: int) -> Dict[str, int]:
 
     Keys go through the same sanitising as sample keys, so image paths (``images/0/a.jpg``) and
     shard keys (``images_0_a_jpg``) both work. Bad rows are one-line DataErrors naming ``file:line``.
+    The file must be UTF-8; a leading byte-order mark (Excel's "CSV UTF-8") is dropped. Labels are
+    ASCII digits only.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"label file not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a leading BOM is dropped
+    except UnicodeDecodeError as exc:
+        at = exc.start + (len(data) - len(exc.object))  # the file offset, a BOM included
+        line = data[:at].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[at]:02x} at offset {at}); "
+                        f"save it as UTF-8") from None
     out: Dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.reader(fh), 1):
+    rows = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for lineno, row in enumerate(rows, 1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
             if len(row) != 2:
                 raise DataError(f"{path}:{lineno}: expected 'key,label', found {','.join(row)[:80]!r}")
             key, value = row[0].strip(), row[1].strip()
-            if not value.lstrip("-").isdigit():
-                if lineno == 1 and not out:  # a header such as "key,label"
+            if not is_int_text(value):
+                # a header such as "key,label": no digit of any script ('²' is a bad label, not a header)
+                if lineno == 1 and not out and not any(ch.isdigit() for ch in value):
                     continue
-                raise DataError(f"{path}:{lineno}: label {value!r} of key {key!r} is not an integer")
+                raise DataError(f"{path}:{lineno}: label {value!r} of key {key!r} is not an integer "
+                                f"(ASCII digits)")
             label = int(value)
             if not 0 <= label < num_classes:
                 raise DataError(f"{path}:{lineno}: label {label} of key {key!r} is outside 0..{num_classes - 1}")
@@ -95,6 +112,8 @@ def load_csv_labels(path: Path, *, num_classes: int) -> Dict[str, int]:
             if skey in out:
                 raise DataError(f"{path}:{lineno}: key {key!r} appears twice")
             out[skey] = label
+    except csv.Error as exc:  # e.g. a NUL byte: not a text file
+        raise DataError(f"{path}:{rows.line_num}: not a 'key,label' CSV ({exc})") from None
     if not out:
         raise DataError(f"{path}: no 'key,label' rows")
     return out

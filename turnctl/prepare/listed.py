@@ -18,8 +18,9 @@ the first 50 classes, Google part only (train and test filtered to those classes
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from turnctl.errors import DataError
 from turnctl.logger import log
 from turnctl.prepare.images import IMAGE_EXTENSIONS
 from turnctl.prepare.source import (
-    ORDER_SEED, SPLITS, Source, Split, check_range, check_unique, require_file, sanitize_key, shuffled,
+    ORDER_SEED, SPLITS, Source, Split, check_range, check_unique, is_int_text, require_file, sanitize_key, shuffled,
 )
 
 # Where each dataset's true labels come from (recorded in the manifest as ``clean_labels``).
@@ -45,9 +46,16 @@ CLOTHING_CLASSES = ["T-Shirt", "Shirt", "Knitwear", "Chiffon", "Sweater", "Hoodi
 
 def _lines(path: Path) -> List[Tuple[int, str]]:
     try:
-        text = path.read_text(encoding="utf-8", errors="strict")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a BOM (Windows editors) is dropped
+    except UnicodeDecodeError as exc:
+        at = exc.start + (len(data) - len(exc.object))
+        line = data[:at].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[at]:02x} at offset {at}); "
+                        f"save it as UTF-8") from None
     return [(i, ln.strip()) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
 
 
@@ -59,7 +67,7 @@ def read_path_labels(path: Path, *, num_classes: Optional[int] = None) -> List[T
     out = []
     for lineno, line in _lines(path):
         parts = line.rsplit(None, 1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2 or not is_int_text(parts[1]):
             raise DataError(f"{path}:{lineno}: expected '<path> <label>', found {line[:80]!r}")
         label = int(parts[1])
         if num_classes is not None and not 0 <= label < num_classes:
@@ -171,24 +179,96 @@ def load_webvision(root: Path, *, classes: Optional[int] = None) -> Source:
 
 # -- ImageFolder ----------------------------------------------------------------------------------
 
-def load_imagefolder(root: Path, *, labels_verified: bool = False) -> Source:
+def _refuse_link(link: Path, target: Path, root: Path, why: str) -> DataError:
+    return DataError(f"imagefolder: {link} is a symlink to {target}, {why}; it would pull other files into the "
+                     f"dataset under this folder's label: remove it, or copy the images into {root}")
+
+
+def _follow(path: Path, root_real: Path, chain: Tuple[Path, ...], root: Path, *, is_link: Optional[bool] = None
+            ) -> Optional[Path]:
+    """The real path of ``path`` if it is a symlink that may be followed, None if it is no symlink;
+    a one-line DataError for a link out of the dataset root or back onto a folder on its own way
+    down (``train/dog -> ..`` would list train, test and every other class as dog)."""
+    if not (path.is_symlink() if is_link is None else is_link):
+        return None
+    target = Path(os.path.realpath(path))
+    if target != root_real and root_real not in target.parents:
+        raise _refuse_link(path, target, root, f"outside the dataset root {root_real}")
+    # ``chain``: the real folders from the root down to the link's folder (its logical ancestors)
+    if target in chain or target in chain[-1].parents or target == chain[-1]:
+        raise _refuse_link(path, target, root, "a folder that contains the link itself (a loop)")
+    return target
+
+
+def _image_files(top: Path, chain: Tuple[Path, ...], root_real: Path, root: Path) -> Iterator[Path]:
+    """Every file under the folder ``top`` (paths as seen from the root), following only the
+    symlinks :func:`_follow` allows. Hidden files are skipped (hidden folders are not: as before)."""
+    try:
+        entries = sorted(os.scandir(top), key=lambda e: e.name)
+    except OSError as exc:
+        raise DataError(f"imagefolder: cannot list {top} ({exc.strerror or exc})") from None
+    for e in entries:
+        path = top / e.name
+        target = _follow(path, root_real, chain, root, is_link=e.is_symlink())
+        if target is None:  # no link: the type scandir already knows, no stat
+            if e.is_dir(follow_symlinks=False):
+                yield from _image_files(path, chain + (chain[-1] / e.name,), root_real, root)
+            elif not e.name.startswith(".") and e.is_file(follow_symlinks=False):
+                yield path
+        elif os.path.isdir(target):
+            yield from _image_files(path, chain + (target,), root_real, root)
+        elif not e.name.startswith(".") and (os.path.isfile(target) or not os.path.exists(target)):
+            yield path  # a file, or a dangling link inside the root (then skipped as unreadable)
+
+
+def _class_counts_check(root: Path, class_names: List[str], counts: Dict[str, np.ndarray], *, strict: bool) -> None:
+    """A class that has no training sample (present only in val/test, or an empty train folder)
+    cannot be learnt: a warning with the per-class counts, an error with ``--strict``."""
+    train = counts.get("train", np.zeros(len(class_names), dtype=np.int64))
+    empty = [i for i in range(len(class_names)) if train[i] == 0]
+    if not empty:
+        return
+
+    def per_split(i: int) -> str:
+        return ", ".join(f"{s} {int(c[i])}" for s, c in counts.items())
+    shown = "; ".join(f"{class_names[i]!r} ({per_split(i)})" for i in empty[:10]) + ("; ..." if len(empty) > 10 else "")
+    train_counts = ", ".join(f"{n} {int(c)}" for n, c in zip(class_names[:20], train[:20])) + \
+        (", ..." if len(class_names) > 20 else "")
+    what = (f"imagefolder: {len(empty)} of {len(class_names)} classes have no training samples under "
+            f"{root / 'train'}: {shown}; train samples per class: {train_counts}")
+    if strict:
+        raise DataError(f"{what} (add training images for them or remove their folders)")
+    log.warning("%s (--strict makes this an error)", what)
+
+
+def load_imagefolder(root: Path, *, labels_verified: bool = False, strict: bool = False) -> Source:
     """``<root>/<split>/<class>/<file>`` for the splits present among train / val / test.
 
     The folder labels are the given labels. They count as true labels (``clean``) only when the
     user says they are verified (``labels_verified``): a user's own data may be noisy itself, and
     purity or recall measured against unverified labels would mean nothing.
+
+    Symlinks are followed only while they stay inside the root and do not point back up to a
+    folder on their own way down; anything else is a one-line error naming the link. A class with
+    no training samples is a warning with the per-class counts (an error with ``strict``).
     """
     root = Path(root)
+    root_real = Path(os.path.realpath(root))
     present = [s for s in SPLITS if (root / s).is_dir()]
     if not present:
         raise DataError(f"imagefolder: no split folder found: looked for {root / 'train'} (and {root / 'val'}, "
                         f"{root / 'test'}); set --root or $TURNCTL_DATA")
+    real: Dict[Path, Tuple[Path, ...]] = {}  # folder -> the real folders from the root down to it
+    for s in present:
+        target = _follow(root / s, root_real, (root_real,), root)
+        real[root / s] = (root_real, target if target is not None else root_real / s)
     class_names = sorted({d.name for s in present for d in (root / s).iterdir()
                           if d.is_dir() and not d.name.startswith(".")})
     if not class_names:
         raise DataError(f"imagefolder: no class folders under {root / present[0]}")
     index = {c: i for i, c in enumerate(class_names)}
     splits: Dict[str, Split] = {}
+    counts: Dict[str, np.ndarray] = {}
     ignored = 0
     for s in present:
         paths, labels = [], []
@@ -196,20 +276,24 @@ def load_imagefolder(root: Path, *, labels_verified: bool = False) -> Source:
             d = root / s / c
             if not d.is_dir():
                 continue
-            for f in sorted(d.rglob("*")):
-                if not f.is_file() or f.name.startswith("."):
-                    continue
+            chain = real[root / s]
+            target = _follow(d, root_real, chain, root)
+            files = sorted(_image_files(d, chain + (target if target is not None else chain[-1] / c,),
+                                        root_real, root))
+            for f in files:
                 if f.suffix.lower() not in IMAGE_EXTENSIONS:
                     ignored += 1
                     continue
                 paths.append(f.relative_to(root).as_posix())
                 labels.append(index[c])
+        counts[s] = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
         if not paths:
             log.warning("imagefolder: %s has no images; the split is left out", root / s)
             continue
         splits[s] = _make_split(s, root, paths, labels, labels if labels_verified else None, where=str(root / s))
     if not splits:
         raise DataError(f"imagefolder: no image files under {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    _class_counts_check(root, class_names, counts, strict=strict)
     if ignored:
         log.warning("imagefolder: ignored %d files without an image extension", ignored)
     info = {"path": str(root), "splits_found": list(splits), "order": f"shuffled (seed {ORDER_SEED})",

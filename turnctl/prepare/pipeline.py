@@ -22,10 +22,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import functools
 import multiprocessing
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -38,18 +38,58 @@ from turnctl.logger import log, track
 from turnctl.prepare import images, noise as nz, valsplit
 from turnctl.prepare.labels import load_csv_labels, load_human_labels
 from turnctl.prepare.source import Source, Split
-from turnctl.prepare.writer import SplitWriter, check_out, commit_dir, staging_dir, write_json
+from turnctl.prepare.writer import (
+    FORMAT, SplitWriter, WriteFailed, bytes_under, check_apart, check_out, commit_dir, discard, staging_dir,
+    write_json,
+)
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion-mnist", "clothing1m", "webvision", "imagefolder")
-FORMAT = "turnctl-shards/1"
 DEFAULT_SHARD_SIZE = 5000
 NOISED_SPLITS = ("train", "val")
 FASHION_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
 _MIN_POOL_ITEMS = 256  # below this a process pool costs more than it saves
 
 
+def _size(n: int) -> str:
+    """``n`` bytes for people.
+
+    >>> _size(512), _size(3 * 1024 ** 2)
+    ('512 bytes', '3.0 MB')
+    """
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1024
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    return f"{n} bytes"  # pragma: no cover
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm or container share), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    return min(4, available_cpus())
+
+
+def check_workers(workers: Optional[int]) -> int:
+    """``--workers`` as used: the default, or the value capped at :func:`available_cpus` (more
+    processes than CPUs only cost memory; 100,000 of them is a fork storm)."""
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+        raise TurnctlError(f"--workers must be a whole number of at least 1, not {workers}")
+    cpus = available_cpus()
+    if workers > cpus:
+        log.warning("--workers %d is more than the %d CPU%s this process may use: using %d", workers, cpus,
+                    "s" if cpus > 1 else "", cpus)
+        return cpus
+    return int(workers)
 
 
 def default_root(dataset: str) -> Optional[Path]:
@@ -87,8 +127,9 @@ def default_out(dataset: str, spec: nz.NoiseSpec, *, classes: Optional[int] = No
 
 
 def load_source(dataset: str, root: Optional[Path], *, classes: Optional[int] = None,
-                labels_verified: bool = False) -> Source:
-    """Parse the raw layout of ``dataset`` under ``root`` (``labels_verified``: imagefolder only)."""
+                labels_verified: bool = False, strict: bool = False) -> Source:
+    """Parse the raw layout of ``dataset`` under ``root`` (``labels_verified``, ``strict``: imagefolder
+    only; ``strict`` makes a class without training samples an error instead of a warning)."""
     if dataset in ("cifar10", "cifar100"):
         from turnctl.prepare.cifar import load_cifar
         return load_cifar(root, dataset=dataset)
@@ -104,7 +145,7 @@ def load_source(dataset: str, root: Optional[Path], *, classes: Optional[int] = 
     if dataset == "webvision":
         return listed.load_webvision(root, classes=classes)
     if dataset == "imagefolder":
-        return listed.load_imagefolder(root, labels_verified=labels_verified)
+        return listed.load_imagefolder(root, labels_verified=labels_verified, strict=strict)
     raise TurnctlError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
 
 
@@ -282,11 +323,15 @@ def _write_split(split: Split, given: np.ndarray, directory: Path, *, shard_size
     writer = SplitWriter(directory, split.name, shard_size=shard_size)
     kept: List[int] = []
     skipped: List[Dict[str, str]] = []
-    for i, ext, payload in _readable(split, max_side=max_side, pool=pool, skipped=skipped):
-        clean = None if split.clean is None else int(split.clean[i])
-        writer.add(split.keys[i], ext, payload, idx=writer.count, label=int(given[i]), clean=clean)
-        kept.append(i)
-    shards = writer.close()
+    try:
+        for i, ext, payload in _readable(split, max_side=max_side, pool=pool, skipped=skipped):
+            clean = None if split.clean is None else int(split.clean[i])
+            writer.add(split.keys[i], ext, payload, idx=writer.count, label=int(given[i]), clean=clean)
+            kept.append(i)
+        shards = writer.close()
+    except BaseException:
+        writer.abandon()
+        raise
     _check_skipped(split, skipped, writer.count)
     return shards, np.asarray(kept, dtype=np.int64), skipped
 
@@ -402,10 +447,16 @@ LABELS_HELP = {
 
 
 def _check_options(dataset: str, *, shard_size: int, max_side: Optional[int], classes: Optional[int],
-                   val_fraction: float, labels_verified: bool) -> float:
+                   val_fraction: float, labels_verified: bool, noise_seed: int, strict: bool) -> float:
     """One-line errors for options that do not fit ``dataset``; returns the checked val fraction."""
     if dataset not in DATASETS:
         raise TurnctlError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
+    if isinstance(noise_seed, bool) or int(noise_seed) != noise_seed or noise_seed < 0:
+        # numpy refuses negative seeds deep inside the noise draw
+        raise TurnctlError(f"--noise-seed must be a whole number of 0 or more, not {noise_seed}")
+    if strict and dataset != "imagefolder":
+        raise TurnctlError(f"--strict only applies to imagefolder (a class without training samples); "
+                           f"{dataset}'s classes are fixed by the dataset")
     if shard_size < 1:
         raise TurnctlError(f"--shard-size must be at least 1, not {shard_size}")
     if max_side is not None and max_side < 1:
@@ -418,39 +469,13 @@ def _check_options(dataset: str, *, shard_size: int, max_side: Optional[int], cl
     return valsplit.check_fraction(val_fraction)
 
 
-def prepare_dataset(dataset: str, *, root: Optional[Union[str, Path]] = None, out: Optional[Union[str, Path]] = None,
-                    noise: Optional[str] = None, noise_seed: int = 0, labels: Optional[Union[str, Path]] = None,
-                    shard_size: int = DEFAULT_SHARD_SIZE, max_side: Optional[int] = None,
-                    workers: Optional[int] = None, overwrite: bool = False,
-                    classes: Optional[int] = None, val_fraction: float = 0.0,
-                    labels_verified: bool = False) -> Dict[str, Any]:
-    """Write ``dataset`` as WebDataset shards with reproducible label noise (docs/ARCHITECTURE.md).
-
-    ``val_fraction`` > 0 holds a stratified val split out of the noised train split, seeded by
-    ``noise_seed`` (turnctl/prepare/valsplit.py); ``labels_verified`` (imagefolder) declares the
-    folder labels true, so they are written as ``clean.cls``.
-
-    Returns ``{"out": path, "manifest": <manifest.json content>, "seconds": s, "images": n,
-    "images_per_s": r}``. Raises :class:`DataError` / :class:`TurnctlError` with one-line messages.
-
-        >>> r = prepare_dataset("digits", noise="symmetric:0.6", out="/tmp/d", overwrite=True)  # doctest: +SKIP
-        >>> sorted(r["manifest"]["splits"])  # doctest: +SKIP
-        ['test', 'train', 'val']
-    """
-    t0 = time.perf_counter()
-    val_fraction = _check_options(dataset, shard_size=shard_size, max_side=max_side, classes=classes,
-                                  val_fraction=val_fraction, labels_verified=labels_verified)
-    workers = default_workers() if workers is None else max(1, int(workers))
-    spec = nz.parse_spec(noise)
-    root_path = Path(root) if root is not None else default_root(dataset)
-    if dataset == "digits" and root is not None:
-        log.warning("digits is bundled with scikit-learn: --root %s is ignored", root)
-    out_path = Path(out) if out is not None else default_out(dataset, spec, classes=classes, val_fraction=val_fraction)
-    check_out(out_path, overwrite=overwrite)
-    if spec.kind == "file" and not Path(spec.path).is_file():
-        raise DataError(f"label file not found: {spec.path}")
-
-    source = load_source(dataset, root_path, classes=classes, labels_verified=labels_verified)
+def _prepare_into(partial: Path, dataset: str, root_path: Optional[Path], out_path: Path, spec: nz.NoiseSpec, *,
+                  noise_seed: int, labels: Optional[Union[str, Path]], shard_size: int, max_side: Optional[int],
+                  workers: int, overwrite: bool, classes: Optional[int], val_fraction: float,
+                  labels_verified: bool, strict: bool) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """The long work of :func:`prepare_dataset` into the created ``partial`` directory, committed
+    to ``out_path`` at the end; returns (splits, manifest, shard table)."""
+    source = load_source(dataset, root_path, classes=classes, labels_verified=labels_verified, strict=strict)
     for name in [n for n, s in source.splits.items() if len(s) == 0]:
         log.warning("%s: the %s split is empty and is left out", dataset, name)
         del source.splits[name]
@@ -463,48 +488,104 @@ def prepare_dataset(dataset: str, *, root: Optional[Union[str, Path]] = None, ou
                  source.clean_labels)
     given, record = apply_noise(source, spec, seed=noise_seed,
                                 labels_file=Path(labels) if labels is not None else None, workers=workers)
+    written = _write_all(source, given, partial, shard_size=shard_size, max_side=max_side, workers=workers,
+                         val_fraction=val_fraction, holdout_seed=noise_seed, folded=folded)
+    if val_fraction > 0:  # the splits and labels as written: val now exists, held out of train
+        record = valsplit.noise_after_holdout(record)
+        source.splits = {name: w.split for name, w in written.items()}
+        given = {name: w.given for name, w in written.items()}
+    splits: Dict[str, Any] = {}
+    kept = {name: w.kept for name, w in written.items()}
+    shard_table: Dict[str, Any] = {}
+    sizes: Dict[str, int] = {}
+    for name, w in written.items():
+        splits[name] = _split_record(w.split, w.given, w.kept, w.shards, w.skipped,
+                                     num_classes=source.num_classes, noised=name in record["applies_to"])
+        splits[name].update(w.extra)
+        for s in w.shards:
+            shard_table[s["file"]] = {"sha256": s["sha256"], "bytes": s["bytes"], "count": s["count"],
+                                      "split": name}
+            sizes[s["file"]] = s["count"]
+    write_json(partial / "sizes.json", sizes)
+    manifest = {
+        "format": FORMAT,
+        "dataset": dataset,
+        "turnctl_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "sources": dict(source.info, root=None if root_path is None else str(root_path)),
+        "num_classes": source.num_classes,
+        "class_names": source.class_names,
+        "clean_labels": source.clean_labels,
+        "splits": splits,
+        "noise": _noise_summary(record, source, given, kept),
+        "options": {"shard_size": shard_size, "max_side": max_side, "val_fraction": val_fraction,
+                    "labels_verified": labels_verified},
+        "shards": shard_table,
+    }
+    write_json(partial / "manifest.json", manifest)  # last: its presence marks a complete dataset
+    commit_dir(partial, out_path, overwrite=overwrite)
+    return splits, manifest, shard_table
 
-    partial = staging_dir(out_path)
+
+def prepare_dataset(dataset: str, *, root: Optional[Union[str, Path]] = None, out: Optional[Union[str, Path]] = None,
+                    noise: Optional[str] = None, noise_seed: int = 0, labels: Optional[Union[str, Path]] = None,
+                    shard_size: int = DEFAULT_SHARD_SIZE, max_side: Optional[int] = None,
+                    workers: Optional[int] = None, overwrite: bool = False,
+                    classes: Optional[int] = None, val_fraction: float = 0.0,
+                    labels_verified: bool = False, strict: bool = False) -> Dict[str, Any]:
+    """Write ``dataset`` as WebDataset shards with reproducible label noise (docs/ARCHITECTURE.md).
+
+    ``val_fraction`` > 0 holds a stratified val split out of the noised train split, seeded by
+    ``noise_seed`` (turnctl/prepare/valsplit.py); ``labels_verified`` (imagefolder) declares the
+    folder labels true, so they are written as ``clean.cls``; ``strict`` (imagefolder) makes a class
+    without training samples an error. ``workers`` is capped at the CPUs this process may use.
+
+    Nothing of the user's is ever deleted: ``out`` may not overlap ``root``, and ``overwrite``
+    replaces only turnctl's own output (turnctl/prepare/writer.py). The partial directory is
+    created before the raw data is read, so an unwritable ``out`` fails at once; a failed write
+    (disk full) removes it and names the file and the bytes written so far.
+
+    Returns ``{"out": path, "manifest": <manifest.json content>, "seconds": s, "images": n,
+    "images_per_s": r}``. Raises :class:`DataError` / :class:`TurnctlError` with one-line messages.
+
+        >>> r = prepare_dataset("digits", noise="symmetric:0.6", out="/tmp/d", overwrite=True)  # doctest: +SKIP
+        >>> sorted(r["manifest"]["splits"])  # doctest: +SKIP
+        ['test', 'train', 'val']
+    """
+    t0 = time.perf_counter()
+    val_fraction = _check_options(dataset, shard_size=shard_size, max_side=max_side, classes=classes,
+                                  val_fraction=val_fraction, labels_verified=labels_verified,
+                                  noise_seed=noise_seed, strict=strict)
+    workers = check_workers(workers)
+    spec = nz.parse_spec(noise)
+    root_path = Path(root) if root is not None else default_root(dataset)
+    if dataset == "digits" and root is not None:
+        log.warning("digits is bundled with scikit-learn: --root %s is ignored", root)
+    out_path = Path(out) if out is not None else default_out(dataset, spec, classes=classes, val_fraction=val_fraction)
+    if root_path is not None:  # first: "not empty" would hide that --out is the raw data itself
+        check_apart(out_path, root_path)
+    check_out(out_path, overwrite=overwrite)
+    if spec.kind == "file" and not Path(spec.path).is_file():
+        raise DataError(f"label file not found: {spec.path}")
+
+    partial = staging_dir(out_path)  # first: an unwritable --out must not wait for the long work
     try:
-        written = _write_all(source, given, partial, shard_size=shard_size, max_side=max_side, workers=workers,
-                             val_fraction=val_fraction, holdout_seed=noise_seed, folded=folded)
-        if val_fraction > 0:  # the splits and labels as written: val now exists, held out of train
-            record = valsplit.noise_after_holdout(record)
-            source.splits = {name: w.split for name, w in written.items()}
-            given = {name: w.given for name, w in written.items()}
-        splits: Dict[str, Any] = {}
-        kept = {name: w.kept for name, w in written.items()}
-        shard_table: Dict[str, Any] = {}
-        sizes: Dict[str, int] = {}
-        for name, w in written.items():
-            splits[name] = _split_record(w.split, w.given, w.kept, w.shards, w.skipped,
-                                         num_classes=source.num_classes, noised=name in record["applies_to"])
-            splits[name].update(w.extra)
-            for s in w.shards:
-                shard_table[s["file"]] = {"sha256": s["sha256"], "bytes": s["bytes"], "count": s["count"],
-                                          "split": name}
-                sizes[s["file"]] = s["count"]
-        write_json(partial / "sizes.json", sizes)
-        manifest = {
-            "format": FORMAT,
-            "dataset": dataset,
-            "turnctl_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "sources": dict(source.info, root=None if root_path is None else str(root_path)),
-            "num_classes": source.num_classes,
-            "class_names": source.class_names,
-            "clean_labels": source.clean_labels,
-            "splits": splits,
-            "noise": _noise_summary(record, source, given, kept),
-            "options": {"shard_size": shard_size, "max_side": max_side, "val_fraction": val_fraction,
-                        "labels_verified": labels_verified},
-            "shards": shard_table,
-        }
-        write_json(partial / "manifest.json", manifest)  # last: its presence marks a complete dataset
-        commit_dir(partial, out_path, overwrite=overwrite)
+        result = _prepare_into(partial, dataset, root_path, out_path, spec, noise_seed=noise_seed, labels=labels,
+                               shard_size=shard_size, max_side=max_side, workers=workers, overwrite=overwrite,
+                               classes=classes, val_fraction=val_fraction, labels_verified=labels_verified,
+                               strict=strict)
+    except WriteFailed as exc:
+        written = bytes_under(partial)
+        discard(partial)
+        need = (f"; the dataset needs more than the {_size(written)} written so far: free space or choose "
+                f"another --out" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                else f" after writing {_size(written)}")
+        raise DataError(f"--out {out_path}: cannot write {exc.path}: {exc.strerror}{need} "
+                        f"(nothing was kept; an older --out is untouched)") from None
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        discard(partial)
         raise
+    splits, manifest, shard_table = result
     seconds = time.perf_counter() - t0
     n_images = sum(s["count"] for s in splits.values())
     noise = manifest["noise"]

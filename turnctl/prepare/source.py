@@ -103,6 +103,18 @@ def sanitize_key(text: str) -> str:
     return re.sub(r"[.\s/\\]", "_", text.strip().lstrip("./"))
 
 
+def is_int_text(text: str) -> bool:
+    """True for an optionally signed run of ASCII digits: what ``int()`` reads as the label written.
+
+    ``str.isdigit`` is also true for '²' or Arabic-Indic digits, which ``int()`` refuses or reads
+    as another number.
+
+    >>> is_int_text("12"), is_int_text("-1"), is_int_text("²"), is_int_text("١")
+    (True, True, False, False)
+    """
+    return re.fullmatch(r"[+-]?[0-9]+", text) is not None
+
+
 def check_unique(keys: Sequence[str], *, where: str) -> None:
     """One DataError naming the first key that occurs twice."""
     seen = set()

@@ -28,6 +28,7 @@ samples left after the hold-out keep their order too: train idx i is the i-th po
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import struct
 from pathlib import Path
@@ -39,9 +40,7 @@ from turnctl.errors import DataError
 from turnctl.holdout import stratified_holdout
 from turnctl.logger import log
 from turnctl.prepare.source import Source, Split
-from turnctl.prepare.writer import SplitWriter
-
-SPOOL_NAME = ".train-before-holdout.spool"
+from turnctl.prepare.writer import SPOOL_NAME, SplitWriter, writing
 _RECORD = struct.Struct("<HQ")  # extension length, payload length
 
 
@@ -89,14 +88,17 @@ class _Spool:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._fh = open(self.path, "wb")
+        with writing(self.path):
+            self._fh = open(self.path, "wb")
 
     def add(self, ext: str, payload: bytes) -> None:
         e = ext.encode("ascii")
-        self._fh.write(_RECORD.pack(len(e), len(payload)) + e + payload)
+        with writing(self.path):
+            self._fh.write(_RECORD.pack(len(e), len(payload)) + e + payload)
 
     def read(self) -> Iterator[Tuple[str, bytes]]:
-        self._fh.close()
+        with writing(self.path):
+            self._fh.close()
         with open(self.path, "rb") as fh:
             while True:
                 head = fh.read(_RECORD.size)
@@ -108,7 +110,8 @@ class _Spool:
 
     def remove(self) -> None:
         if not self._fh.closed:
-            self._fh.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush of the close
+                self._fh.close()
         self.path.unlink(missing_ok=True)
 
 
@@ -153,12 +156,17 @@ def write_held_out(split: Split, given: np.ndarray, readable: Iterable[Tuple[int
         writers = {False: SplitWriter(directory, "train", shard_size=shard_size),
                    True: SplitWriter(directory, "val", shard_size=shard_size)}
         new_idx = route(mask)
-        for j, (ext, payload) in enumerate(spool.read()):
-            i, held = int(pos[j]), bool(mask[j])
-            clean = None if split.clean is None else int(split.clean[i])
-            writers[held].add(split.keys[i], ext, payload, idx=int(new_idx[j]), label=int(given[i]), clean=clean,
-                              train_idx=j if held else None)
-        train_shards, val_shards = writers[False].close(), writers[True].close()
+        try:
+            for j, (ext, payload) in enumerate(spool.read()):
+                i, held = int(pos[j]), bool(mask[j])
+                clean = None if split.clean is None else int(split.clean[i])
+                writers[held].add(split.keys[i], ext, payload, idx=int(new_idx[j]), label=int(given[i]),
+                                  clean=clean, train_idx=j if held else None)
+            train_shards, val_shards = writers[False].close(), writers[True].close()
+        except BaseException:
+            for w in writers.values():
+                w.abandon()
+            raise
     finally:
         spool.remove()
     return HeldOut(split.take(pos[~mask], "train"), split.take(pos[mask], "val"), given[pos[~mask]],
