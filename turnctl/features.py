@@ -6,16 +6,24 @@ safetensors. The cache key covers the backbone (family, id, revision, config), i
 pooling, and the shards' sha256 fingerprint, so a cache is never reused across any of them; a rerun
 or another method on the same data skips extraction. Every rank learns from rank 0 whether the
 cache hit, so that all of them skip (or run) the extraction together.
+
+Where the cache goes is settled before any extraction (:func:`choose_cache_dir`): a read-only shards
+directory (a shared dataset, a read-only mount) must not cost a whole feature pass and then fail on
+the write. A cache write that fails anyway (a full disk) is a warning: the features are in memory
+and the run goes on; the write is atomic, so no partial or temporary file is left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import re
+import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -72,16 +80,96 @@ def _load(path: Path, key: str, info: SplitInfo) -> Optional[FeatureSet]:
     return FeatureSet(info.split, t["features"], t["labels"], t["clean"], t["ok"].bool(), True, path)
 
 
-def _save(fs: FeatureSet, path: Path, key: str, info: SplitInfo) -> None:
+def unwritable(directory: Path) -> Optional[str]:
+    """Why files cannot be created in ``directory`` (created if missing), or None if they can.
+
+    A real probe (create the directory, then a file in it) rather than ``os.access``: it answers
+    for read-only mounts, permissions, ACLs and root alike, and a directory turnctl is about to
+    fill may as well exist.
+    """
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".turnctl-probe-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
+
+
+class CachePlan(NamedTuple):
+    """Where features are cached (``write``, None: not at all) and where else a cache may be found
+    (``read``: the shards' own cache when it is read-only, still good for a hit)."""
+
+    write: Optional[Path]
+    read: Tuple[Path, ...] = ()
+
+
+def choose_cache_dir(cache_dir: Optional[str], shards: str, run_dir: Path) -> CachePlan:
+    """The feature cache location of a run, checked writable before any extraction (rank 0).
+
+    ``cache_dir`` set (``features.cache_dir``): it must be writable, else DataError. Unset: the
+    shards' ``.features``, or, when that is not writable, ``<run_dir>/features-cache`` with one
+    warning saying where and why (the shards' cache is still read).
+    """
+    if cache_dir:
+        why = unwritable(Path(cache_dir))
+        if why is not None:
+            raise DataError(f"features.cache_dir={cache_dir}: cannot write there ({why}); set it to a "
+                            "writable directory, or features.cache=false")
+        return CachePlan(Path(cache_dir))
+    default = Path(shards) / ".features"
+    why = unwritable(default)
+    if why is None:
+        return CachePlan(default)
+    fallback = Path(run_dir) / "features-cache"
+    why_not = unwritable(fallback)
+    if why_not is not None:
+        raise DataError(f"{fallback}: cannot write the feature cache ({why_not}), nor in {default} ({why}); "
+                        "set features.cache_dir to a writable directory, or features.cache=false")
+    log.warning("features: %s is not writable (%s); caching this run's features in %s instead "
+                "(set features.cache_dir to a writable directory to share them between runs)",
+                default, why, fallback)
+    return CachePlan(fallback, (default,))
+
+
+def _why(exc: BaseException) -> str:
+    """The reason of a failed write, as the OS says it ("No space left on device")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    m = re.search(r"I/O error: (.+?) \(os error \d+\)", str(exc))  # safetensors' wording of an OSError
+    return m.group(1) if m else str(exc)
+
+
+def _save(fs: FeatureSet, path: Path, key: str, info: SplitInfo) -> bool:
+    """Write the cache atomically (temp name, fsync, rename); False, with one warning, on failure."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"features": fs.features.contiguous(), "labels": fs.labels, "clean": fs.clean,
-               "ok": fs.ok.to(torch.uint8)}, str(tmp),
-              metadata={"key": key, "split": info.split, "num_samples": str(info.num_samples),
-                        "turnctl": __version__})
-    os.replace(tmp, path)
+    made_dir = not path.parent.is_dir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": fs.features.contiguous(), "labels": fs.labels, "clean": fs.clean,
+                   "ok": fs.ok.to(torch.uint8)}, str(tmp),
+                  metadata={"key": key, "split": info.split, "num_samples": str(info.num_samples),
+                            "turnctl": __version__})
+        with open(tmp, "rb") as f:  # the data on disk before the name says the file is complete
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:  # a signal or a bug too: no stray temporary, then re-raised
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if made_dir:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+        if not isinstance(exc, (OSError, SafetensorError)):  # safetensors reports ENOSPC as its own error
+            raise
+        log.warning("features [%s]: cannot write the feature cache %s (%s); going on without it (the "
+                    "next run extracts the features again)", info.split, path, _why(exc))
+        return False
+    return True
 
 
 def extract_features(
@@ -94,22 +182,30 @@ def extract_features(
     num_workers: int,
     cache_dir: Optional[Path],
     forward=None,
+    read_dirs: Sequence[Path] = (),
 ) -> Optional[FeatureSet]:
     """Features of ``info`` on rank 0 (None on other ranks), from the cache when it matches.
 
     ``forward`` defaults to ``backbone.features``; pass the DeepSpeed engine's module's ``features``
     under ZeRO-3 (it is the same call: the engine's hooks gather the partitioned weights).
-    Collective: every rank must call it.
+    The cache is looked up in ``cache_dir``, then in ``read_dirs`` (read-only caches), and written
+    to ``cache_dir`` (see :func:`choose_cache_dir`). Collective: every rank must call it.
     """
     key = cache_key(model_identity, backbone.preprocess, info)
-    path = Path(cache_dir) / key / f"{info.split}.safetensors" if cache_dir else None
+    name = f"{info.split}.safetensors"
+    path = Path(cache_dir) / key / name if cache_dir else None
     cached = None
-    if dist.rank() == 0 and path is not None and path.is_file():
-        cached = _load(path, key, info)
+    if dist.rank() == 0:
+        for d in ([cache_dir] if cache_dir else []) + list(read_dirs):
+            candidate = Path(d) / key / name
+            if candidate.is_file():
+                cached = _load(candidate, key, info)
+                if cached is not None:
+                    break
     hit = dist.broadcast_object(cached is not None)
     if hit:
         if dist.rank() == 0:
-            log.info("features [%s]: cache hit %s", info.split, path)
+            log.info("features [%s]: cache hit %s", info.split, cached.path)
         return cached
     device = run_device()
     was_training = backbone.training
@@ -137,7 +233,9 @@ def extract_features(
         raise DataError(f"features [{info.split}]: the backbone produced non-finite features "
                         "(check the checkpoint and the preprocessing)")
     if path is not None:
-        _save(fs, path, key, info)
-        log.info("features [%s]: %d x %d cached at %s", info.split, fs.features.shape[0],
-                 fs.features.shape[1], path)
+        if _save(fs, path, key, info):
+            log.info("features [%s]: %d x %d cached at %s", info.split, fs.features.shape[0],
+                     fs.features.shape[1], path)
+        else:
+            fs.path = None
     return fs

@@ -326,18 +326,20 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
     validation set and never trained on, the features are standardised (``probe.standardize``; the
     map is folded back into the head) and ``probe.lr_search`` picks its learning rate on
     validation accuracy."""
-    from pathlib import Path
+    from turnctl.features import CachePlan, choose_cache_dir, extract_features
 
-    from turnctl.features import extract_features
-
-    cache_dir = recipe.features.cache_dir or str(Path(recipe.data.shards) / ".features")
+    # Settled before the first forward: an unwritable cache must not cost a whole feature pass.
+    plan = CachePlan(None)
+    if recipe.features.cache:
+        plan = dist.run_on_main(lambda: choose_cache_dir(recipe.features.cache_dir, recipe.data.shards, run.path),
+                                what="choosing the feature cache directory")
     forward = tuner.module.features if tuner is not None else backbone.features
     feats = {}
     for role, info in splits.items():
         feats[role] = extract_features(
             backbone, info, model_identity=model_identity(recipe), transform=eval_tf,
             batch_size=recipe.features.batch_size, num_workers=recipe.data.num_workers,
-            cache_dir=Path(cache_dir) if recipe.features.cache else None, forward=forward)
+            cache_dir=plan.write, read_dirs=plan.read, forward=forward)
     cache_state = {role: ("hit" if fs is not None and fs.from_cache else "miss") for role, fs in feats.items()}
 
     def train_head():  # rank 0 only

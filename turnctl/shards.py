@@ -68,14 +68,16 @@ import time
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
-                    Sequence, Tuple, Union)
+from typing import (Annotated, Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple,
+                    Optional, Sequence, Tuple, Union)
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, ImageFile
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from turnctl import pixels
 from turnctl.errors import DataError, TurnctlError
 
 log = logging.getLogger("turnctl.shards")
@@ -135,12 +137,154 @@ class SplitInfo:
         return tuple(p.name for p in self.shard_paths)
 
 
-def _read_json(path: Path, what: str) -> Any:
+# Upper bounds on the metadata files, checked with a stat before they are read: every rank reads
+# them, and a runaway (or hostile) file must not take the memory of a node. Measured on manifests
+# built with the fields and the indentation `turnctl prepare` writes: WebVision 1.0 (2.4M images,
+# 1000 classes, 1000 skipped files) at the default --shard-size is 0.46 MB of manifest and 13 KB of
+# sizes.json (1.3 MB / 0.13 MB at --shard-size 500); the largest realistic manifest is a 1000-class
+# dataset with known true labels, whose 1000 x 1000 noise transition matrix makes it 14 MB. About
+# 10x that, and 100x WebVision's sizes.json at --shard-size 500:
+MAX_MANIFEST_BYTES = 128 << 20
+MAX_SIZES_BYTES = 16 << 20
+
+_Count = Field(strict=True, ge=0)
+
+
+class _Meta(BaseModel):
+    # Only the fields the reader relies on are typed; prepare's other keys (noise, options, the
+    # per-class tables, ...) pass through untouched, so newer manifests stay readable.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _ShardMeta(_Meta):
+    count: int = _Count
+    split: str
+    bytes: Optional[int] = _Count  # absent in older manifests: no size check
+    sha256: Optional[str] = None
+
+
+class _SplitMeta(_Meta):
+    count: Optional[int] = _Count
+    # The list of shard names, or (older manifests) just their number.
+    shards: Any = None
+    has_clean: bool = False
+
+    @field_validator("shards")
+    @classmethod
+    def _names_or_number(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        if isinstance(v, list) and all(isinstance(n, str) for n in v):
+            return v
+        raise ValueError(f"expected a list of shard file names or their number, got {_shown(v)}")
+
+
+class _Manifest(_Meta):
+    format: Optional[str] = None
+    num_classes: int = Field(strict=True, ge=1)
+    class_names: Optional[List[str]] = None
+    splits: Dict[str, _SplitMeta]
+    shards: Dict[str, _ShardMeta]
+
+
+_SIZES = TypeAdapter(Dict[str, Annotated[int, _Count]])
+
+_EXPECTED = {
+    "int_type": "expected an integer", "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer", "string_type": "expected a string",
+    "bool_type": "expected true or false", "dict_type": "expected a JSON object",
+    "model_type": "expected a JSON object", "model_attributes_type": "expected a JSON object",
+    "list_type": "expected a list",
+}
+
+
+def _shown(v: Any) -> str:
+    """A JSON value as a message shows it: scalars as values, containers by their kind."""
+    if isinstance(v, dict):
+        return "an object"
+    if isinstance(v, list):
+        return "a list"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _schema_error(path: Path, exc: ValidationError) -> DataError:
+    """The first problem of a ValidationError as one line: the file, the field path, what was wrong."""
+    errors = exc.errors(include_url=False)
+    e = errors[0]
+    where = ".".join(str(p) for p in e["loc"])
+    kind = e["type"]
+    if kind == "missing":
+        what = "missing"
+    elif kind == "greater_than_equal":
+        what = f"expected an integer >= {e['ctx']['ge']}, got {_shown(e['input'])}"
+    elif kind in _EXPECTED:
+        what = f"{_EXPECTED[kind]}, got {_shown(e['input'])}"
+    else:
+        what = str(e["msg"]).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return DataError(f"{path}: {where + ': ' if where else ''}{what}{more}; this is not the file "
+                     "`turnctl prepare` wrote: re-run it (with --overwrite)")
+
+
+def _read_json(path: Path, what: str, limit: int) -> Any:
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as exn:
+        size = path.stat().st_size
+        if size > limit:
+            raise DataError(f"{path}: {size:,} bytes, more than the {limit:,} a {what} may have; this is "
+                            "not the file `turnctl prepare` wrote: re-run it (with --overwrite)")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # bounded even if the file grows after the stat
+    except OSError as exn:
+        raise DataError(f"{path}: cannot read {what} ({exn.strerror or exn})")
+    if len(data) > limit:
+        raise DataError(f"{path}: more than the {limit:,} bytes a {what} may have")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exn:  # RecursionError: absurdly deep nesting
         raise DataError(f"{path}: {what} is not valid JSON ({exn}); re-run `turnctl prepare`")
+
+
+def read_manifest(path: Path) -> Dict[str, Any]:
+    """``manifest.json`` as a dict, its schema checked (DataError naming the field otherwise)."""
+    raw = _read_json(path, "manifest.json", MAX_MANIFEST_BYTES)
+    try:
+        _Manifest.model_validate(raw)
+    except ValidationError as exn:
+        raise _schema_error(path, exn) from None
+    return raw
+
+
+def read_sizes(path: Path) -> Dict[str, int]:
+    """``sizes.json``: shard file name -> number of samples (non-negative integers)."""
+    raw = _read_json(path, "sizes.json", MAX_SIZES_BYTES)
+    try:
+        return _SIZES.validate_python(raw)
+    except ValidationError as exn:
+        raise _schema_error(path, exn) from None
+
+
+def _check_shard_name(root: Path, mpath: Path, name: str) -> None:
+    """A shard name from the manifest must name a file directly inside ``root``.
+
+    The manifest travels with the data (downloaded, copied from a colleague); a name such as
+    ``/etc/hostname`` or ``../../x.tar`` would make every rank open a file outside the dataset.
+    The check is on the name only: a shard that is a symlink (a dataset spread over disks) is the
+    owner's choice and is followed.
+    """
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    plain = (name not in ("", ".", "..") and "\0" not in name and not any(c in name for c in seps)
+             and not os.path.isabs(name))
+    if plain:
+        joined = os.path.normpath(os.path.join(os.path.abspath(root), name))
+        plain = os.path.dirname(joined) == os.path.normpath(os.path.abspath(root))
+    if not plain:
+        raise DataError(f"{mpath}: shard name {name!r} is not a plain file name inside {root} (no path "
+                        "separator, no '..', not absolute); this is not a manifest `turnctl prepare` wrote")
 
 
 def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> SplitInfo:
@@ -165,9 +309,13 @@ def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> S
             f"{root}: no manifest.json; either `turnctl prepare` was interrupted (the manifest is "
             f"written last; re-run it with --overwrite) or this is not a prepared dataset directory"
         )
-    manifest = _read_json(mpath, "manifest.json")
-    if not isinstance(manifest, dict):
-        raise DataError(f"{mpath}: expected a JSON object")
+    manifest = read_manifest(mpath)  # types checked: below, every field has its documented type
+    for name in manifest["shards"]:
+        _check_shard_name(root, mpath, name)
+    for smeta in manifest["splits"].values():
+        if isinstance(smeta.get("shards"), list):
+            for name in smeta["shards"]:
+                _check_shard_name(root, mpath, name)
     fmt = manifest.get("format")
     if fmt is not None and fmt != FORMAT:
         raise DataError(f"{mpath}: format {fmt!r}, this turnctl reads {FORMAT!r}")
@@ -188,7 +336,7 @@ def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> S
     spath = root / "sizes.json"
     if not spath.is_file():
         raise DataError(f"{root}: sizes.json is missing; re-run `turnctl prepare` with --overwrite")
-    sizes = _read_json(spath, "sizes.json")
+    sizes = read_sizes(spath)
     paths, counts = [], []
     for name in names:
         p = root / name
@@ -196,20 +344,20 @@ def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> S
             raise DataError(f"{p}: shard listed in manifest.json is missing; re-run `turnctl prepare`")
         want_bytes = shards_meta[name].get("bytes")  # absent in older manifests: no check
         have_bytes = p.stat().st_size
-        if want_bytes is not None and have_bytes != int(want_bytes):
+        if want_bytes is not None and have_bytes != want_bytes:
             raise DataError(f"{p}: {have_bytes} bytes but manifest.json says {want_bytes}; the shard is "
                             "truncated or replaced (an interrupted copy?); copy it again or re-run `turnctl prepare`")
         if name not in sizes:
             raise DataError(f"{spath}: no entry for {name}")
-        if int(sizes[name]) != int(shards_meta[name].get("count", -1)):
+        if sizes[name] != shards_meta[name]["count"]:
             raise DataError(
                 f"{spath}: {name} holds {sizes[name]} samples but manifest.json says "
-                f"{shards_meta[name].get('count')}; the dataset directory is inconsistent, re-prepare it"
+                f"{shards_meta[name]['count']}; the dataset directory is inconsistent, re-prepare it"
             )
         paths.append(p)
-        counts.append(int(sizes[name]))
+        counts.append(sizes[name])
     total = sum(counts)
-    if "count" in sdesc and int(sdesc["count"]) != total:
+    if sdesc.get("count") is not None and sdesc["count"] != total:
         raise DataError(f"{mpath}: split {split!r} count {sdesc['count']} != {total} (sum over its shards)")
     if verify:
         for name, p in zip(names, paths):
@@ -219,9 +367,9 @@ def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> S
     h = hashlib.sha256(f"{FORMAT}\n{split}\n".encode())
     for name, n in zip(names, counts):
         h.update(f"{name} {n} {shards_meta[name].get('sha256', '')}\n".encode())
-    num_classes = int(manifest.get("num_classes") or 0)
+    num_classes = manifest["num_classes"]
     class_names = tuple(str(c) for c in (manifest.get("class_names") or range(num_classes)))
-    if num_classes < 1 or len(class_names) != num_classes:
+    if len(class_names) != num_classes:
         raise DataError(f"{mpath}: num_classes / class_names missing or inconsistent")
     return SplitInfo(
         root=root, split=split, shard_paths=tuple(paths), shard_sizes=tuple(counts),
@@ -249,6 +397,9 @@ def decode_image(data: bytes) -> Image.Image:
     Raises ``OSError`` (``PIL.UnidentifiedImageError`` for garbage) or ``ValueError`` for bytes that
     are not a complete image. Truncated files are an error, not a half-grey picture: this relies on
     ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` staying False (Pillow's default; turnctl never sets it).
+    An image that declares more than ``turnctl.pixels.MAX_PIXELS`` pixels raises
+    ``turnctl.pixels.TooManyPixels`` (a ValueError) before its pixels are allocated: the limit
+    ``turnctl prepare`` applies, so a shard written by hand cannot carry a decompression bomb past it.
 
     >>> decode_image(open("cat.jpg", "rb").read()).mode      # doctest: +SKIP
     'RGB'
@@ -258,7 +409,7 @@ def decode_image(data: bytes) -> Image.Image:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone in this process flipped the global; a truncated JPEG would decode silently.
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; turnctl needs it False")
-    im = Image.open(io.BytesIO(data))
+    im = pixels.open_image(data)  # header only; the declared size is checked before any pixel
     im.load()  # decode now: errors surface here, inside the caller's try, not in the transform
     if im.mode != "RGB":
         im = im.convert("RGB")
