@@ -296,6 +296,11 @@ def apply_noise(source: Source, spec: nz.NoiseSpec, *, seed: int, labels_file: O
 
 # -- writing --------------------------------------------------------------------------------------
 
+# The manifest lists this many unreadable inputs per split at most (the count is always exact): a
+# dataset with a million broken files must not write a manifest that readers refuse as too large.
+MAX_SKIPPED_LISTED = 10_000
+
+
 def _readable(split: Split, *, max_side: Optional[int], pool: Any, skipped: List[Dict[str, str]]
               ) -> Iterator[Tuple[int, str, bytes]]:
     """(position, ext, bytes) of every readable image of ``split`` in order; unreadable ones are
@@ -355,7 +360,8 @@ def _split_record(split: Split, given: np.ndarray, kept: np.ndarray, shards: Lis
         "clean_known": int(known.sum()),
         "noised": noised,
         "realised_noise_rate": _rate(c[known], g[known]) if known.any() else None,
-        "skipped": {"count": len(skipped), "items": skipped},
+        "skipped": {"count": len(skipped), "items": skipped[:MAX_SKIPPED_LISTED],
+                    "items_truncated": len(skipped) > MAX_SKIPPED_LISTED},
     }
 
 
