@@ -8,6 +8,7 @@ line and exit 2; anything else is a bug and prints one line too, with the full t
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -67,6 +68,27 @@ def _say_error(prefix: str, message: str) -> None:
     sys.stderr.flush()
 
 
+# OSErrors about where files go rather than about turnctl: a full or read-only disk, a quota, a path
+# the user may not write, a busy mount. Anything else (EIO, EINVAL, ...) may be a bug and stays one.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC: "no space left on the device holding it; free some or write elsewhere",
+                       errno.EDQUOT: "over the disk quota on the device holding it; free some or write elsewhere",
+                       errno.EROFS: None, errno.EACCES: None, errno.EBUSY: None}
+
+
+def _environment_error(exc: BaseException) -> Optional[str]:
+    """One line for an OSError (or what a library raised from one) that the environment caused."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+            what = exc.strerror or os.strerror(exc.errno)
+            note = _ENVIRONMENT_ERRNOS[exc.errno]
+            name = exc.filename if exc.filename is not None else exc.filename2
+            line = f"{name}: {what}" if name is not None else what
+            return f"{line} ({note})" if note else line
+        exc, seen = exc.__cause__, seen + 1
+    return None
+
+
 _LEAVE_AT_ONCE = {"value": False}  # set by run() when a peer is lost: main() must not tear down the group
 
 
@@ -101,6 +123,12 @@ def run(argv: Optional[List[str]] = None) -> int:
             _say_error("error: ", peer)
             _LEAVE_AT_ONCE["value"] = True
             return 1
+        environment = _environment_error(exc)
+        if environment is not None:  # the disk, not turnctl: the user can act on it
+            if debug:
+                traceback.print_exc()
+            _say_error("error: ", environment)
+            return 2
         if debug:
             traceback.print_exc()
             _say_error("internal error: ", f"{type(exc).__name__}: {exc}")

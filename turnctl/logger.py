@@ -97,7 +97,7 @@ def progress(disable: bool = False) -> Iterator[Optional[Progress]]:
         yield None
         return
     bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=error_console(),
         transient=True, disable=_is_ci(),
     )

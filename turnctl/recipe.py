@@ -19,10 +19,12 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Type
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from turnctl.errors import RecipeError
 
@@ -36,8 +38,40 @@ FAMILIES = (
 )
 
 
+def _numeric_kind(annotation: Any) -> Tuple[Optional[type], bool]:
+    """(int or float, whether a list of them) for a numeric field's annotation, else (None, False)."""
+    if get_origin(annotation) is Union:  # Optional[X]
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    if get_origin(annotation) in (list, List):
+        (inner,) = get_args(annotation) or (None,)
+        return (inner if inner in (int, float) else None), True
+    return (annotation if annotation in (int, float) else None), False
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float in a recipe is meant finite (a learning rate, a tolerance, a
+    # timeout); YAML's .inf / .nan and the strings "inf" / "nan" would otherwise pass.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads true as 1; YAML reads yes/no/on/off as booleans, so
+        ``--set seed=yes`` would quietly become seed 1. Strict mode cannot be used instead: PyYAML
+        reads ``1e-4`` (no dot) as a string, which lax mode rightly turns into a float."""
+        from pydantic_core import PydanticCustomError
+
+        field = cls.model_fields.get(info.field_name or "")
+        kind, is_list = _numeric_kind(field.annotation) if field is not None else (None, False)
+        if kind is None:
+            return value
+        values = value if is_list and isinstance(value, list) else [value]
+        if any(isinstance(v, bool) for v in values):
+            what = "an integer" if kind is int else "a number"
+            raise PydanticCustomError("bool_not_number", (
+                f"expected {what}, not a boolean (YAML reads true/false/yes/no/on/off as booleans)"))
+        return value
 
 
 class ModelSection(Section):
@@ -429,6 +463,21 @@ class Recipe(Section):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_path_part(cls, name: str) -> str:
+        """The default run directory is runs/<name>-<time>: a name with a separator or '..' would put
+        the run (and what it writes) outside runs/."""
+        from pydantic_core import PydanticCustomError
+
+        bad = (not name.strip() or ".." in name or "/" in name or "\\" in name or "\0" in name
+               or len(name) > 200)
+        if bad:
+            raise PydanticCustomError("run_name", (
+                "a run name is one directory name of at most 200 characters: not empty, no '/', '\\' "
+                "or '..' (set output.dir or --out to choose where the run goes)"))
+        return name
+
     # ---- derived settings -------------------------------------------------------------------
     def grad_accum(self, world_size: int) -> int:
         """Gradient-accumulation steps from the batch triad, or a clear error."""
@@ -493,7 +542,13 @@ class Recipe(Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        # No anchors: the run's recipe.yaml is read back by load_yaml_file, which refuses them.
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_NoAliasDumper, sort_keys=False)
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -507,6 +562,86 @@ def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ---- loading --------------------------------------------------------------------------------
+
+# A recipe is a page of settings; the bound keeps a wrong path (a log, a dataset file) from being read
+# whole into memory before it is refused.
+MAX_RECIPE_BYTES = 1 << 20
+# Deep enough for any transformers config; a bound keeps composing (and later deepcopy, pydantic and
+# json, all recursive) from a RecursionError on a file of nested brackets.
+MAX_YAML_DEPTH = 64
+
+
+class _YamlRefused(yaml.MarkedYAMLError):
+    """Valid YAML that a recipe may not use (anchors and aliases, excessive nesting)."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases.
+
+    Aliases let a few hundred bytes stand for billions of values ("billion laughs": nine levels of
+    nine aliases each). The composer shares the node, so loading is cheap, but everything after it
+    (the digest's JSON, deep copies, printing) walks the full expansion and runs out of memory. A
+    recipe has no use for them, so the first anchor or alias is refused, before anything is built.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _YamlRefused(problem=("YAML anchors and aliases (&name, *name, <<: *name) are not allowed in a "
+                                        "recipe; write the value out"), problem_mark=event.start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _YamlRefused(problem=f"nested more than {MAX_YAML_DEPTH} levels deep",
+                               problem_mark=event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _yaml_load(text: str) -> Any:
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def load_yaml_file(path: Path, what: str = "recipe") -> Any:
+    """The YAML in a recipe file or a run's ``recipe.yaml``, read the one safe way: at most
+    :data:`MAX_RECIPE_BYTES`, UTF-8, safe tags only, no anchors or aliases. Every problem is a
+    one-line :class:`RecipeError` that names the file (and the line where YAML knows it)."""
+    path = Path(path)
+    where = f"{what} {path}" if what else str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)  # read-bounded: stat lies for /dev/zero and growing files
+    except OSError as err:
+        raise RecipeError(f"{where}: cannot read it ({err.strerror or err})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{where}: larger than {MAX_RECIPE_BYTES // (1 << 20)} MiB; a recipe is a small "
+                          "YAML file (is this the right path?)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{where}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                          "save it as UTF-8") from None
+    try:
+        return _yaml_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        if isinstance(err, _YamlRefused):
+            raise RecipeError(f"{where}{line}: {err.problem}") from None
+        raise RecipeError(f"{where}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 def recipe_dirs() -> List[Path]:
     """Where ``--recipe NAME`` is looked up: $TURNCTL_RECIPES, the checkout, the installed package."""
@@ -571,7 +706,9 @@ def _parse_override(item: str) -> Tuple[List[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"--set '{item}': empty key segment")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _yaml_load(value) if value.strip() else None
+    except _YamlRefused as err:
+        raise RecipeError(f"--set '{_short(item)}': {err.problem}") from None
     except yaml.YAMLError:
         parsed = value
     return key.split("."), parsed
@@ -626,13 +763,12 @@ def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None) -> Rec
     0.001
     """
     path = resolve_recipe_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"recipe {path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    if isinstance(raw, dict):
-        raw.setdefault("name", path.stem)
+    raw = load_yaml_file(path)
+    if raw is None:  # an empty file
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections (model:, data:, ...), "
+                          f"got a {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
     raw = apply_overrides(raw, overrides or [])
     return validate_recipe(raw, str(path))

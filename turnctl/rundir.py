@@ -14,6 +14,7 @@ then renamed, so an interrupted run never leaves a half-written file that looks 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -32,11 +33,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)  # a full disk or a signal leaves no stray temporary behind
+        raise
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -49,9 +54,35 @@ def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink()
+    except OSError:
+        pass
+
+
+def _fresh_default_dir(name: str) -> Path:
+    """runs/<name>-<time>, created here: a -2, -3 ... suffix when two runs start in the same second (a
+    job array), so that two runs never share a directory."""
+    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "too many runs of this name started this second", str(base))
 
 
 def _comparable(recipe: Recipe) -> Dict[str, Any]:
@@ -71,28 +102,15 @@ class RunDir:
 
     @classmethod
     def open(cls, recipe: Recipe, *, resume: bool) -> "RunDir":
-        """Create (or, with resume, reopen) the run directory. Collective."""
-        if dist.rank() == 0:
-            if recipe.output.dir:
-                path = Path(recipe.output.dir)
-            elif resume:
-                path = None
-            else:
-                path = Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            problem = None
-            if path is None:
-                problem = "--resume needs the run to continue: pass --out RUN_DIR"
-            elif resume and not (path / "recipe.yaml").is_file():
-                problem = f"--resume: {path} holds no run (no recipe.yaml)"
-            elif not resume and path.exists() and any(path.iterdir()):
-                problem = f"run directory {path} is not empty; pass --resume to continue it or choose another --out"
-            if problem is None and resume:
-                from turnctl.recipe import load_recipe
+        """Create (or, with resume, reopen) the run directory. Collective.
 
-                saved = load_recipe(str(path / "recipe.yaml"))
-                if _comparable(saved) != _comparable(recipe):
-                    problem = (f"--resume: the recipe differs from the one saved in {path / 'recipe.yaml'}; "
-                               "resume with the same recipe and --set overrides")
+        Rank 0 decides, creates the directory and writes ``recipe.yaml`` (which proves the location
+        writable) before any long work; a problem is broadcast so that every rank stops with the same
+        line. Files turnctl did not write are never touched: a directory that exists must be empty,
+        or with ``--resume`` hold a run whose ``recipe.yaml`` equals this recipe.
+        """
+        if dist.rank() == 0:
+            path, problem = cls._decide(recipe, resume)
             decision = {"path": str(path) if path else None, "problem": problem}
         else:
             decision = None
@@ -100,13 +118,49 @@ class RunDir:
         if decision["problem"]:
             raise TurnctlError(decision["problem"])
         run = cls(Path(decision["path"]), recipe)
-        if dist.rank() == 0:
-            run.path.mkdir(parents=True, exist_ok=True)
-            resolved = recipe.model_copy(deep=True)
-            resolved.output.dir = str(run.path)
-            atomic_write_text(run.path / "recipe.yaml", resolved.to_yaml())
         dist.barrier()
         return run
+
+    @staticmethod
+    def _decide(recipe: Recipe, resume: bool):
+        """(path, None) with the run directory created and recipe.yaml written, or (path, problem)."""
+        if recipe.output.dir:
+            path = Path(recipe.output.dir)
+        elif resume:
+            return None, "--resume needs the run to continue: pass --out RUN_DIR"
+        else:
+            try:
+                path = _fresh_default_dir(recipe.name)
+            except OSError as exc:
+                return Path("runs"), (f"runs/: cannot create the run directory there ({exc.filename or 'runs'}: "
+                                      f"{exc.strerror or exc}); set output.dir or --out")
+        try:
+            if path.exists() and not path.is_dir():
+                return path, (f"output.dir {path} is a file, not a directory; choose another --out "
+                              "or output.dir")
+            if resume:
+                if not (path / "recipe.yaml").is_file():
+                    return path, f"--resume: {path} holds no run (no recipe.yaml)"
+                from turnctl.recipe import load_recipe
+
+                saved = load_recipe(str(path / "recipe.yaml"))
+                if _comparable(saved) != _comparable(recipe):
+                    return path, (f"--resume: the recipe differs from the one saved in {path / 'recipe.yaml'}; "
+                                  "resume with the same recipe and --set overrides")
+            elif path.exists() and any(path.iterdir()):
+                return path, (f"run directory {path} is not empty; pass --resume to continue it or choose "
+                              "another --out")
+            path.mkdir(parents=True, exist_ok=True)
+            resolved = recipe.model_copy(deep=True)
+            resolved.output.dir = str(path)
+            atomic_write_text(path / "recipe.yaml", resolved.to_yaml())
+        except TurnctlError as exc:  # the saved recipe.yaml is unreadable: every rank stops, not rank 0 alone
+            return path, str(exc)
+        except OSError as exc:
+            where = exc.filename or path
+            return path, (f"run directory {path}: cannot write there ({where}: {exc.strerror or exc}); "
+                          "choose another --out or output.dir")
+        return path, None
 
     # ---- paths ----
     @property

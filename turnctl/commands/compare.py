@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -14,6 +15,7 @@ from turnctl.commands.common import emit_json
 from turnctl.commands.train import resolve
 from turnctl.distributed import env_world_size, init_distributed, is_main
 from turnctl.logger import result_console
+from turnctl.recipe import METHODS
 
 
 def _pct(ms) -> str:
@@ -45,19 +47,27 @@ def command(recipe_name: str, shards: Optional[str], out: Optional[str], methods
 
     r = resolve(recipe_name, shards, None, None, overrides)
     r.deepspeed_config(env_world_size())
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise RecipeError(f"--seeds '{seeds}': expected comma-separated integers") from None
+    method_list = _listed("--methods", methods, str)
+    unknown = [m for m in method_list if m not in METHODS]
+    if unknown:  # before --out is created
+        raise RecipeError(f"--methods: unknown method '{unknown[0]}' (choose from {', '.join(METHODS)})")
+    seed_list = _listed("--seeds", seeds, int)
+    if any(s < 0 for s in seed_list):
+        raise RecipeError(f"--seeds '{seeds}': seeds are integers >= 0")
     init_distributed(r.deepspeed.timeout_minutes)
     from turnctl.distributed import broadcast_object
 
-    out_dir = broadcast_object(out or f"runs/compare-{r.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Rank 0 checks and creates --out before the first method runs: compare.json and summary.json go
+    # there at the very end, and must neither overwrite a user's files nor fail after hours of work.
+    decision = _claim_out(out or f"runs/compare-{r.name}-{time.strftime('%Y%m%d-%H%M%S')}") if is_main() else None
+    decision = broadcast_object(decision)
+    if decision["problem"]:
+        raise RecipeError(decision["problem"])
+    out_dir = decision["out"]
     result = compare_methods(r, methods=method_list, seeds=seed_list, out=Path(out_dir))
     if not is_main() or result is None:
         return
-    table = Table(title=f"{r.name} on {escape(r.data.shards)}: test accuracy (%)",
+    table = Table(title=f"{escape(r.name)} on {escape(r.data.shards)}: test accuracy (%)",
                   caption="best: at the epoch chosen on validation; max*: the highest test accuracy of any "
                           "epoch (the papers' 'best'), optimistic because it is chosen on test")
     for col in ("method", "best (val)", "last", "max*", "wall time (s)", "vs FFT-CE"):
@@ -65,10 +75,50 @@ def command(recipe_name: str, shards: Optional[str], out: Optional[str], methods
     for m in method_list:
         row = result["table"][m]
         rel = row["wall_time_vs_fft_ce"]
-        table.add_row(m, _pct(row["best"]), _pct(row["last"]), _pct(row["max_over_epochs"]),
+        table.add_row(escape(m), _pct(row["best"]), _pct(row["last"]), _pct(row["max_over_epochs"]),
                       f"{row['wall_time_s']['mean']:.1f}",
                       f"{rel:.2f}x" if rel else "-")
     result_console().print(table)
-    result_console().print(f"wrote {Path(out_dir) / 'compare.json'} and {Path(out_dir) / 'summary.json'}")
+    # markup=False: a path is data; '[/x]' in it would otherwise raise after the results are written.
+    result_console().print(f"wrote {Path(out_dir) / 'compare.json'} and {Path(out_dir) / 'summary.json'}",
+                           markup=False, highlight=False)
     if as_json:
         emit_json(result)
+
+
+def _listed(option: str, text: str, kind: type) -> list:
+    """A comma-separated option as a list: at least one item, no repeats (a repeated method or seed
+    would train into the same run directory twice)."""
+    from turnctl.errors import RecipeError
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise RecipeError(f"{option} '{text}': name at least one, comma-separated (e.g. "
+                          f"{'turn,lp-gce,fft-ce' if kind is str else '0,1,2'})")
+    try:
+        values = [kind(t) for t in items]
+    except ValueError:
+        raise RecipeError(f"{option} '{text}': expected comma-separated integers") from None
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise RecipeError(f"{option} '{text}': '{repeated[0]}' is listed twice")
+    return values
+
+
+def _claim_out(out: str) -> dict:
+    """{"out", "problem"}: --out exists empty or is created here, and is writable (rank 0)."""
+    path = Path(out)
+    try:
+        if path.exists() and not path.is_dir():
+            return {"out": out, "problem": f"--out {path} is a file, not a directory; choose another --out"}
+        if path.exists() and any(path.iterdir()):
+            return {"out": out, "problem": (f"--out {path} is not empty; compare writes compare.json, summary.json "
+                                            "and one run directory per method and seed there: choose another --out")}
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".turnctl-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return {"out": out, "problem": (f"--out {path}: cannot write there ({exc.filename or path}: "
+                                        f"{exc.strerror or exc}); choose another --out")}
+    return {"out": out, "problem": None}

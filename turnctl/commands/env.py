@@ -9,6 +9,7 @@ import sys
 from typing import Any, Dict
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from turnctl import __version__
@@ -76,17 +77,13 @@ def command(as_json: bool) -> None:
     if as_json:
         emit_json(info)
         return
-    table = Table(title=f"turnctl {info['turnctl']}", show_header=False)
+    # Values are data (paths in HF_HOME, a platform string): rich must not read '[...]' in them as markup.
+    table = Table(title=escape(f"turnctl {info['turnctl']}"), show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
-    table.add_row("python", info["python"])
-    table.add_row("platform", info["platform"])
-    table.add_row("cpu_count", str(info["cpu_count"]))
-    for k, v in info["packages"].items():
-        table.add_row(k, v)
-    for k, v in info["accelerator"].items():
-        table.add_row(k, str(v))
-    for k, v in info["world"].items():
-        if v is not None:
-            table.add_row(f"env {k}", v)
+    rows = [("python", info["python"]), ("platform", info["platform"]), ("cpu_count", info["cpu_count"])]
+    rows += list(info["packages"].items()) + list(info["accelerator"].items())
+    rows += [(f"env {k}", v) for k, v in info["world"].items() if v is not None]
+    for k, v in rows:
+        table.add_row(escape(str(k)), escape(str(v)))
     result_console().print(table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import click
+from pydantic import ValidationError
 from rich.syntax import Syntax
 
 from turnctl.commands.common import emit_json
@@ -27,8 +28,10 @@ def resolve(recipe: str, shards: Optional[str], out: Optional[str], method: Opti
             r.output.dir = out
         if method is not None:
             r.method = method
-    except Exception as exc:  # validate_assignment errors
-        raise RecipeError(f"invalid command-line value: {exc}") from None
+    except ValidationError as exc:  # validate_assignment errors, one line like the recipe's own
+        err = exc.errors()[0]
+        raise RecipeError(f"invalid command-line value for {'.'.join(map(str, err['loc']))}: {err['msg']} "
+                          f"(got {err.get('input')!r})") from None
     return r
 
 
