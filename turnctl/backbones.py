@@ -74,11 +74,13 @@ are partitioned while loading, and it is kept alive as ``backbone.hf_deepspeed_c
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import json
 import logging
 import os
 import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,12 +342,72 @@ def _hub_kwargs(revision: Optional[str], local_files_only: Optional[bool]) -> Di
     return kw
 
 
+def _config_file(name: str, revision, local_files_only) -> Optional[str]:
+    """The config.json transformers would read for ``name`` (None: none found; transformers then says why)."""
+    if os.path.isdir(name):
+        path = os.path.join(name, "config.json")
+        return path if os.path.isfile(path) else None
+    try:
+        from transformers.utils import cached_file
+
+        return cached_file(name, "config.json", _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **_hub_kwargs(revision, local_files_only))
+    except Exception:  # not reachable or not cached: AutoConfig below gives the one-line error
+        return None
+
+
+def refuse_remote_code(config_path: str) -> None:
+    """Raise a one-line :class:`ModelError` when ``config_path`` asks transformers for the checkpoint's
+    own Python code: an ``auto_map`` key, or a ``model_type`` transformers has no class for.
+
+    Left unset, ``trust_remote_code`` makes transformers *ask* on stdin ("Do you wish to run the
+    custom code? [y/N]") and run a ``*.py`` planted next to the config on "y"; turnctl passes
+    ``trust_remote_code=False`` to every load, and this check, run before transformers reads the
+    file, turns the refusal into one line that names the file and the key.
+    """
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except (OSError, ValueError):
+        return  # AutoConfig reports unreadable files with its own wording
+    if not isinstance(raw, dict):
+        return
+    if "auto_map" in raw:
+        auto_map = raw["auto_map"]
+        what = ", ".join(f"{k} -> {v}" for k, v in list(auto_map.items())[:2]) if isinstance(auto_map, dict) \
+            else repr(auto_map)[:80]
+        raise ModelError(f"{config_path}: key 'auto_map' ({what}) asks to run Python code shipped with the "
+                         f"checkpoint; turnctl never runs remote code: use a checkpoint of a built-in "
+                         f"transformers model_type, or delete 'auto_map' if the model is a stock architecture")
+    model_type = raw.get("model_type")
+    if model_type is not None:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if raw.get("turnctl_family") and model_type == "turnctl_efficientnet_lite":
+            raise ModelError(f"{config_path}: an exported {raw['turnctl_family']} model, not a transformers one; "
+                             f"set model.family={raw['turnctl_family']}")
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise ModelError(f"{config_path}: key 'model_type' is {model_type!r}, which transformers "
+                             f"{_transformers_version()} has no class for (custom code, which turnctl never runs, "
+                             f"or a newer transformers); use a checkpoint of a built-in model_type")
+
+
+def _transformers_version() -> str:
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "(unknown version)"
+
+
 def _load_config(name: str, family: str, revision, local_files_only):
     from transformers import AutoConfig
 
+    path = _config_file(name, revision, local_files_only)
+    if path:
+        refuse_remote_code(path)
     try:
         with _quiet_transformers():
-            return AutoConfig.from_pretrained(name, **_hub_kwargs(revision, local_files_only))
+            return AutoConfig.from_pretrained(name, trust_remote_code=False, **_hub_kwargs(revision, local_files_only))
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and os.path.isdir(name):
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -439,7 +501,8 @@ def _check_loading(info: Mapping[str, Any], source: str, family: str, head_prefi
 
 def _from_pretrained(cls, source: str, *, family: str, config, revision, local_files_only,
                      head_prefixes: Sequence[str] = ("classifier",)):
-    kw = dict(config=config, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32)
+    kw = dict(config=config, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32,
+              trust_remote_code=False)
     kw.update(_hub_kwargs(revision, local_files_only))
     try:
         with _quiet_transformers():
@@ -457,15 +520,104 @@ def _from_pretrained(cls, source: str, *, family: str, config, revision, local_f
     return model
 
 
+# What an export directory holds: transformers' config and weights (sharded as model-0000i-of-0000n plus
+# an index for big models), turnctl's head, image-processor config and turnctl.json.
+_EXPORT_FILE = re.compile(r"(config|preprocessor_config|generation_config|turnctl)\.json|head\.safetensors|"
+                          r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+
+
+def check_replaceable(final: Path) -> None:
+    """Raise a one-line :class:`ModelError` unless ``final`` is absent or an export turnctl wrote.
+
+    Writing an export replaces (deletes) what is there: only a real directory holding a turnctl.json
+    of this format and nothing but the files an export holds is replaced, never a symbolic link's
+    target or a directory of the user's that happens to have the name.
+    """
+    final = Path(final)
+    if final.is_symlink():
+        raise ModelError(f"{final}: is a symbolic link (to {os.readlink(final)}); turnctl replaces only exports it "
+                         f"wrote, never what a link points to: remove the link or write elsewhere")
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise ModelError(f"{final}: exists and is not a directory; turnctl will not replace it: move it away")
+    try:
+        meta = json.loads((final / META_FILE).read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise ModelError(f"{final}: exists and is not a turnctl export (no {META_FILE} of format {EXPORT_FORMAT}); "
+                         f"turnctl will not delete it: move it away or write elsewhere")
+    foreign = sorted(e.name for e in os.scandir(final)
+                     if not e.is_file(follow_symlinks=False) or not _EXPORT_FILE.fullmatch(e.name))
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ModelError(f"{final}: holds {foreign[0]!r}{more}, which turnctl does not write into an export; "
+                         f"turnctl will not delete it: move it away or write elsewhere")
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written temp directory into place (readers never see a half export)."""
     old = None
-    if final.exists():
+    if final.exists() or final.is_symlink():
+        check_replaceable(final)
         old = final.with_name(final.name + f".old-{os.getpid()}")
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:  # put the previous export back rather than leave none
+            os.replace(old, final)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _nearly_full(path: Path) -> bool:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free < (16 << 20)
+    except OSError:
+        return False
+
+
+def write_error(exc: BaseException, path) -> Optional[OSError]:
+    """``exc``, raised while writing under ``path``, as an OSError that names a file; None when it is
+    not an I/O failure.
+
+    None of the writers says which file failed on a full disk: a plain write's failed flush is an
+    OSError without a filename, safetensors raises ``SafetensorError('... (os error 28)')`` and
+    torch.save's zip writer ``RuntimeError('[enforce fail at inline_container.cc] ... unexpected
+    pos ...')`` without an errno (a full disk when the disk is full after it, else EIO). The CLI can
+    only name the file when the exception carries it.
+    """
+    if isinstance(exc, OSError):
+        if exc.filename is None:
+            exc.filename = str(path)
+        return exc
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError":
+        m = re.search(r"os error (\d+)", text)
+        if m:
+            code = int(m.group(1))
+            return OSError(code, os.strerror(code), str(path))
+        return None
+    if isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        code = errno.ENOSPC if _nearly_full(path) else errno.EIO
+        return OSError(code, os.strerror(code), str(path))
+    return None
+
+
+def _remove_tmp(tmp: Path) -> None:
+    try:
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink()
+        elif tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:  # the failure being raised is the one to report
+        pass
 
 
 def _is_partitioned(module: nn.Module) -> bool:
@@ -568,13 +720,28 @@ class Backbone(nn.Module):
         if state_dict is None and _is_partitioned(self):
             raise ModelError("save_pretrained under ZeRO-3: the parameters are partitioned; pass the consolidated "
                              "state_dict (deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint)")
+        final = Path(save_dir)
+        check_replaceable(final)  # before any work: the export would replace it
+        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _remove_tmp(tmp)  # a dead process's, with this pid
+            tmp.mkdir()
+            self._write_export(tmp, state_dict, class_names)
+            _replace_dir(tmp, final)
+        except BaseException as exc:
+            err = write_error(exc, final)
+            if err is not None and err is not exc:
+                raise err from exc
+            raise
+        finally:  # whatever went wrong, no half export is left under a temporary name
+            _remove_tmp(tmp)
+        return final
+
+    def _write_export(self, tmp: Path, state_dict: Optional[Mapping[str, torch.Tensor]],
+                      class_names: Optional[Sequence[str]]) -> None:
         from safetensors.torch import save_file
 
-        final = Path(save_dir)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         sd = None
         if state_dict is not None:
             sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
@@ -589,8 +756,6 @@ class Backbone(nn.Module):
         save_file(head, str(tmp / HEAD_FILE))
         (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocess_to_hf(self.preprocess), indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        _replace_dir(tmp, final)
-        return final
 
     def describe(self) -> str:
         n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())  # ZeRO-3: full sizes
@@ -1012,7 +1177,7 @@ def _build_auto(mc: ModelSection, *, num_classes, class_names, local_files_only,
             raise ModelError("family auto with model.config needs config.model_type (e.g. vit, convnext, swin)")
         config = _config_from_dict("auto", mc.config)
         with _quiet_transformers():
-            model = AutoModel.from_config(config)
+            model = AutoModel.from_config(config, trust_remote_code=False)
     vcfg = getattr(config, "vision_config", None) or config
     dim = getattr(vcfg, "hidden_sizes", None)
     dim = int(dim[-1]) if dim else int(getattr(vcfg, "num_features", 0) or getattr(vcfg, "hidden_size", 0) or 0)

@@ -12,8 +12,12 @@ Rank and world size come from the environment that every launcher sets (``deepsp
 from __future__ import annotations
 
 import datetime as _dt
+import glob
+import logging
 import os
 import socket
+import stat
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -68,12 +72,85 @@ def init_distributed(timeout_minutes: float = 60.0) -> None:
                 "(deepspeed, torchrun) rather than setting WORLD_SIZE by hand"
             )
         os.environ["MASTER_PORT"] = str(_free_port())
+    check_extension_locks()  # before DeepSpeed may JIT-build its ops and wait on their lock
     import deepspeed
 
     deepspeed.init_distributed(
         timeout=_dt.timedelta(minutes=timeout_minutes), verbose=False,
         auto_mpi_discovery=False,
     )
+
+
+EXT_LOCK_STALE_S = 300.0  # default of TURNCTL_EXT_LOCK_STALE_S
+
+
+def extension_build_roots() -> List[str]:
+    """Where torch.utils.cpp_extension builds JIT extensions (DeepSpeed's ops among them): the root
+    that ``_get_build_directory`` uses, without creating anything."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return [root]
+    try:
+        import sys
+
+        import torch
+        from torch.utils.cpp_extension import get_default_build_root
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return []
+    # = torch's _get_build_directory (which also creates the directory, hence not called here)
+    if torch.version.hip is not None:
+        accel = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accel = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accel = "cpu"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return [os.path.join(get_default_build_root(), f"{py}_{accel}")]
+
+
+def check_extension_locks(roots: Optional[Sequence[str]] = None, *, stale_s: Optional[float] = None) -> List[str]:
+    """Deal with DeepSpeed JIT-build locks a killed build left behind; return the locks removed.
+
+    torch builds an extension under a zero-byte ``<root>/<name>/lock`` (``torch.utils.file_baton``)
+    and every other process that loads the extension (even one built long ago) waits, silently and
+    for ever, until that file is gone. A build killed half-way (Ctrl-C, a job time limit) never
+    removes it. The file holds no PID, so its age decides: a ``lock`` in a ``deepspeed*`` build
+    directory older than ``stale_s`` (``TURNCTL_EXT_LOCK_STALE_S``, default 300 s; a build takes
+    well under a minute) is removed with a one-line warning; a younger one gets a one-line notice
+    that this process is about to wait on it. Nothing else is touched.
+    """
+    log = logging.getLogger("turnctl")
+    if stale_s is None:
+        try:
+            stale_s = float(os.environ.get("TURNCTL_EXT_LOCK_STALE_S", EXT_LOCK_STALE_S))
+        except ValueError:
+            stale_s = EXT_LOCK_STALE_S
+    removed: List[str] = []
+    for root in extension_build_roots() if roots is None else roots:
+        for lock in sorted(glob.glob(os.path.join(glob.escape(root), "deepspeed*", "lock"))):
+            try:
+                st = os.lstat(lock)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+                continue  # not the empty file FileBaton creates: not ours to judge
+            age = time.time() - st.st_mtime
+            if age < stale_s:
+                log.warning("waiting for %s (another build in progress, %.0f s old; delete it if no build is "
+                            "running)", lock, max(age, 0.0))
+                continue
+            try:
+                again = os.lstat(lock)
+                # Another process may have removed the stale lock and taken a new one meanwhile.
+                if (again.st_ino, again.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):
+                    continue
+                os.unlink(lock)
+            except OSError:
+                continue
+            removed.append(lock)
+            log.warning("removed %s, a DeepSpeed build lock %.0f s old (a build that was killed leaves it, and "
+                        "every later start would wait on it for ever)", lock, age)
+    return removed
 
 
 def destroy() -> None:

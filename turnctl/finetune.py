@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -287,25 +289,53 @@ class FineTuner:
         leave ``latest`` naming a checkpoint that cannot be loaded. So DeepSpeed's ``latest`` is off;
         after a barrier (every shard on disk) rank 0 writes ``COMPLETE`` into the tag, then
         ``latest``, each to a temporary name first. ``--resume`` only ever sees complete checkpoints.
+
+        A write that fails (a full disk) removes what it left (the tag without ``COMPLETE``, the
+        temporary ``latest``) and raises an ``OSError`` naming the tag directory (or ``latest``).
+        Rotation deletes only checkpoint directories turnctl wrote (:func:`is_own_checkpoint_dir`),
+        never a link's target.
         """
+        from turnctl.backbones import write_error
         from turnctl.rundir import atomic_write_json, atomic_write_text
 
+        root = Path(root)
+        tag_dir = root / tag
         client = dict(client_state, global_step=self.global_step)
-        self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        try:
+            self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        except BaseException as exc:
+            _discard_incomplete(tag_dir)
+            _raise_as_write_error(exc, tag_dir, write_error)
+            raise
         dist.barrier()
-        if dist.rank() == 0:
-            atomic_write_json(Path(root) / tag / COMPLETE, {
-                "tag": tag, "global_step": self.global_step, "world_size": self.world,
-                "zero_stage": int(self.ds_config["zero_optimization"]["stage"]), "time": time.time()})
-            atomic_write_text(Path(root) / "latest", tag)
-            complete = sorted(checkpoint_tags(root), key=lambda t: t[1])
+
+        def finish() -> None:
+            target = tag_dir / COMPLETE
+            try:
+                atomic_write_json(target, {
+                    "tag": tag, "global_step": self.global_step, "world_size": self.world,
+                    "zero_stage": int(self.ds_config["zero_optimization"]["stage"]), "time": time.time()})
+                target = root / "latest"
+                atomic_write_text(target, tag)
+            except BaseException as exc:
+                _discard_incomplete(tag_dir)
+                for leftover in root.glob(".latest.tmp-*"):
+                    _unlink_quietly(leftover)
+                _raise_as_write_error(exc, target, write_error)
+                raise
+            complete = sorted((t for t in checkpoint_tags(root) if is_own_checkpoint_dir(root / t[0])),
+                              key=lambda t: t[1])
             for old, _ in complete[:-keep]:
-                shutil.rmtree(Path(root) / old, ignore_errors=True)
+                if old != tag:
+                    _remove_own_checkpoint(root / old)
             # Half-written tags of a killed run (no COMPLETE) would never be loaded: reclaim the space.
-            for d in Path(root).iterdir():
-                if d.is_dir() and not (d / COMPLETE).is_file():
-                    shutil.rmtree(d, ignore_errors=True)
-        dist.barrier()
+            for d in root.iterdir():
+                if d.name != tag and not (d / COMPLETE).is_file():
+                    _remove_own_checkpoint(d, quiet=True)
+
+        # Rank 0 alone writes; a failure there (a full disk) stops every rank with its message
+        # instead of leaving the others in the next collective until the timeout.
+        dist.run_on_main(finish, what=f"checkpoint {tag_dir}")
         return tag
 
     def load_checkpoint(self, root: Path, tag: str) -> Dict[str, Any]:
@@ -343,20 +373,76 @@ class FineTuner:
 
     def export(self, out_dir: Path, *, class_names: Sequence[str] = ()) -> None:
         """Hugging Face format (config + safetensors, classifier included); collective, rank 0 writes
-        (the backbone writes to a temporary directory and renames it)."""
+        (the backbone writes to a temporary directory and renames it). A failure on rank 0 (a full
+        disk) stops every rank with rank 0's message."""
         state = self.full_state_dict()
-        if dist.rank() == 0:
-            self.backbone.save_pretrained(Path(out_dir), state_dict=state, class_names=list(class_names) or None)
-        dist.barrier()
+        dist.run_on_main(lambda: self.backbone.save_pretrained(Path(out_dir), state_dict=state,
+                                                               class_names=list(class_names) or None),
+                         what=f"export to {out_dir}")
 
 
 COMPLETE = "COMPLETE"  # written into a checkpoint tag once every rank's files are on disk
+# The tags runner.py writes: epoch_E, and epoch_E_step_S for a checkpoint taken mid-epoch.
+_TAG_NAME = re.compile(r"epoch_\d+(_step_\d+)?")
+# What a tag directory holds: DeepSpeed's per-rank *_states.pt, the ELR targets (*.pt), COMPLETE, and
+# the temporary names of turnctl's atomic writes.
+_TAG_FILE = re.compile(r"[\w.-]+\.pt|COMPLETE|\.[\w.-]+\.tmp-\d+")
+_warned_foreign: set = set()
+
+
+def is_own_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint tag directory turnctl wrote, and so may be deleted: a real
+    directory (not a symbolic link) named as runner.py names tags, holding only regular files of the
+    names DeepSpeed and turnctl write there."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir() or not _TAG_NAME.fullmatch(path.name):
+        return False
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return False
+    return all(e.is_file(follow_symlinks=False) and _TAG_FILE.fullmatch(e.name) for e in entries)
+
+
+def _remove_own_checkpoint(path: Path, *, quiet: bool = False) -> None:
+    if is_own_checkpoint_dir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif not quiet or path.is_dir() or path.is_symlink():
+        if str(path) not in _warned_foreign:
+            _warned_foreign.add(str(path))
+            log.warning("%s: not a checkpoint turnctl wrote (a link, another name, or files turnctl does not "
+                        "write); left alone, delete it yourself if it is not needed", path)
+
+
+def _discard_incomplete(tag_dir: Path) -> None:
+    """After a failed save: the tag without COMPLETE can never be loaded; remove it if it is ours."""
+    try:
+        if not (tag_dir / COMPLETE).is_file() and is_own_checkpoint_dir(tag_dir):
+            shutil.rmtree(tag_dir, ignore_errors=True)
+    except OSError:  # pragma: no cover - the original failure is what the user needs to see
+        pass
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _raise_as_write_error(exc: BaseException, path: Path, write_error) -> None:
+    """Re-raise ``exc`` as an OSError naming ``path`` when it is an I/O failure reported without one."""
+    err = write_error(exc, path)
+    if err is not None and err is not exc:
+        raise err from exc
 
 
 def checkpoint_tags(root: Path) -> list:
     """``(tag, global_step)`` of the complete checkpoints under ``root``."""
     out = []
     for marker in Path(root).glob(f"*/{COMPLETE}"):
+        if marker.parent.is_symlink():  # someone else's directory: not a checkpoint to count or rotate
+            continue
         try:
             out.append((marker.parent.name, int(json.loads(marker.read_text())["global_step"])))
         except (ValueError, KeyError, TypeError):

@@ -25,6 +25,9 @@ Definitions (the CSVs, the CLI and ``--json`` all use these)
   (empty in the CSV) and ``predicted_label`` is -1. ``true_label`` is empty where unknown (-1 in the selection npz
   convention). Note: flagged is the GMM's decision, before the class-balanced subset draw, which
   drops clean samples too (``selected`` counts that).
+* Keys and class names come from file names; bytes in them that are not UTF-8 (a Latin-1
+  ``caf\\xe9.jpg``) are written as ``\\xNN`` escapes (:func:`printable_name`) in the CSVs, the table
+  and the names of the JSON summary; its paths stay as they are (``os.fsencode`` gives the bytes back).
 * Severity order: decodable samples first, then ``label_score`` ascending, then ``loss``
   descending (many noisy samples have a posterior that underflows to exactly 0; among those the
   higher loss is the more suspicious), then ``idx``.
@@ -68,7 +71,7 @@ from turnctl.rundir import atomic_write_text
 __all__ = [
     "Selection", "selection_epochs", "load_selection", "sample_keys", "label_issues", "per_class_table",
     "flagged_quality", "health_summary", "epoch_history", "mixture_posterior", "tau_crossings",
-    "write_report", "plot_report", "LABEL_ISSUE_COLUMNS", "PER_CLASS_COLUMNS",
+    "write_report", "plot_report", "printable_name", "LABEL_ISSUE_COLUMNS", "PER_CLASS_COLUMNS",
 ]
 
 # cleanlab's names (Datalab.get_issues("label")) plus idx/key/loss; true_label only when known.
@@ -83,6 +86,28 @@ _SEL_NAME = re.compile(r"^epoch_(\d+)\.npz$")
 MAX_PLOT_CLASSES = 20
 
 Run = Union[str, os.PathLike, "Selection"]
+
+
+def printable_name(name: str) -> str:
+    """``name`` as a UTF-8 file or a terminal can hold it: the bytes of a file name that are not UTF-8
+    (Python reads them as lone surrogates: os.listdir, tar member names) become ``\\xNN``.
+
+    Keys and class names come from file names (an ImageFolder's folders and files), which on Linux
+    are bytes: ``caf\\xe9.jpg`` written in Latin-1 is a valid name there and a valid shard key, but
+    not text; the report shows it escaped rather than fail on it.
+
+    >>> printable_name(os.fsdecode(b"caf\\xe9_jpg")), printable_name("na\u00efve")
+    ('caf\\\\xe9_jpg', 'naïve')
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name produced (e.g. from JSON): its code point
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True, eq=False)
@@ -286,7 +311,8 @@ def load_selection(run_dir: Union[str, os.PathLike], *, epoch: Optional[int] = N
         means=a["means"].astype(np.float64), variances=a["variances"].astype(np.float64),
         weights=a["weights"].astype(np.float64), tau=rec["tau"], normalize=rec["normalize"],
         method=rec["method"], shards=shards_dir, train_split=rec["train_split"],
-        class_names=_class_names(run, info, C), split_info=info, shards_problem=problem,
+        class_names=tuple(printable_name(n) for n in _class_names(run, info, C)), split_info=info,
+        shards_problem=problem,
     )
 
 
@@ -376,7 +402,8 @@ def _keys_for(sel: Selection) -> Tuple[np.ndarray, Optional[str]]:
     if differ:
         return empty, (f"{info.root}: {differ} given label(s) differ from the run's; the shards were "
                        "re-prepared since the run, so the key column is empty")
-    return keys[sel.idx], None
+    # Escaped here, not in sample_keys: the CSV, the summary and the terminal need text.
+    return np.array([printable_name(k) for k in keys[sel.idx]], dtype=object), None
 
 
 # ---- the tables --------------------------------------------------------------------------------
@@ -625,7 +652,7 @@ def _cell(v: Any) -> str:
         return "True" if v else "False"
     if isinstance(v, (float, np.floating)):
         return "" if not math.isfinite(float(v)) else f"{float(v):.8g}"
-    return str(v)
+    return printable_name(str(v))
 
 
 def _csv_text(columns: Sequence[str], rows: Any) -> str:
@@ -802,7 +829,7 @@ def plot_report(run: Run, *, epoch: Optional[int] = None, max_classes: int = MAX
         ax.set_ylabel("samples per bin", fontsize=8)
     axis = ("losses min-max normalised over the split, as the GMM saw them: "
             f"0 = loss {lo:.3g}, 1 = loss {hi:.3g}" if sel.normalize == "minmax" else "raw losses, as the GMM saw them")
-    fig.suptitle(f"{sel.run_dir.name}: per-class loss histograms and fitted 2-component GMMs, "
+    fig.suptitle(f"{printable_name(sel.run_dir.name)}: per-class loss histograms and fitted 2-component GMMs, "
                  f"fine-tuning epoch {sel.epoch}; {which}\n{axis}", fontsize=10)
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
                ncol=min(len(handles), 4), fontsize=8, frameon=False)
@@ -838,7 +865,8 @@ def plot_report(run: Run, *, epoch: Optional[int] = None, max_classes: int = MAX
     if not has_purity:
         axes[0].text(0.5, 0.02, "true labels unknown: no purity", transform=axes[0].transAxes,
                      ha="center", fontsize=8, color="gray")
-    fig.suptitle(f"{sel.run_dir.name}: TURN selection per epoch (shaded: epoch {sel.epoch}, this report)",
+    fig.suptitle(f"{printable_name(sel.run_dir.name)}: TURN selection per epoch "
+                 f"(shaded: epoch {sel.epoch}, this report)",
                  fontsize=10)
     files["selection_by_epoch"] = out / "selection_by_epoch.png"
     _atomic_savefig(fig, files["selection_by_epoch"])

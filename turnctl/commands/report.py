@@ -5,10 +5,19 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from turnctl.commands.common import emit_json
 from turnctl.logger import result_console
+
+
+def _text(v: Any) -> str:
+    """A name or path as the terminal shows it: not-UTF-8 bytes escaped (report.printable_name), and
+    no rich markup read into it (a key such as ``[red]x`` is printed as it is)."""
+    from turnctl.report import printable_name
+
+    return escape(printable_name(str(v)))
 
 
 def _pct(v: Optional[float]) -> str:
@@ -20,7 +29,7 @@ def _num(v: Optional[float], fmt: str = ".3g") -> str:
 
 
 def _overview(s: Dict[str, Any]) -> Table:
-    t = Table(title=f"{s['run_dir']}: TURN selection of fine-tuning epoch {s['epoch']} "
+    t = Table(title=f"{_text(s['run_dir'])}: TURN selection of fine-tuning epoch {s['epoch']} "
                     f"(epochs with a selection: {', '.join(map(str, s['epochs']))})")
     t.add_column("")
     t.add_column("value", justify="right")
@@ -56,7 +65,7 @@ def _per_class(rows: List[Dict[str, Any]], limit: int) -> Table:
     for c in cols:
         t.add_column(c, justify="left" if c == "class" else "right", overflow="fold")
     for r in shown:
-        t.add_row(r["name"], str(r["size"]), str(r["kept"]), str(r["flagged"]), _pct(r["noise_rate_est"]),
+        t.add_row(_text(r["name"]), str(r["size"]), str(r["kept"]), str(r["flagged"]), _pct(r["noise_rate_est"]),
                   *([_pct(r["true_noise_rate"])] if has_true else []),
                   f"{_num(r['mean_clean'], '.2f')}/{_num(r['mean_noisy'], '.2f')}",
                   f"{_num(r['var_clean'], '.1g')}/{_num(r['var_noisy'], '.1g')}")
@@ -72,10 +81,11 @@ def _suspects(s: Dict[str, Any], names: List[str]) -> Table:
     def name(c) -> str:
         if c is None:  # a true label nobody knows
             return "-"
-        return names[c] if 0 <= c < len(names) else str(c)
+        return _text(names[c]) if 0 <= c < len(names) else str(c)
 
     for i, r in enumerate(s["top"], 1):
-        t.add_row(str(i), str(r["idx"]), r["key"] or "-", name(r["given_label"]), name(r["predicted_label"]),
+        t.add_row(str(i), str(r["idx"]), _text(r["key"]) if r["key"] else "-", name(r["given_label"]),
+                  name(r["predicted_label"]),
                   f"{r['label_score']:.3g}", f"{r['loss']:.3f}", *([name(r["true_label"])] if has_true else []))
     return t
 
@@ -121,6 +131,6 @@ def command(run_dir: str, epoch: Optional[int], top: int, plot: bool, shards: Op
     if not s["keys"]:
         console.print("[yellow]keys unavailable: the run's shards could not be read (see the warning)[/]")
     for path in s["files"].values():
-        console.print(f"wrote {path}")
+        console.print(f"wrote {_text(path)}")
     if as_json:
         emit_json(s)
