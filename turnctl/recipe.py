@@ -637,7 +637,9 @@ def load_yaml_file(path: Path, what: str = "recipe") -> Any:
         line = f":{mark.line + 1}" if mark is not None else ""
         if isinstance(err, _YamlRefused):
             raise RecipeError(f"{where}{line}: {err.problem}") from None
-        raise RecipeError(f"{where}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        # PyYAML's reader errors span lines ("...\n  in <unicode string>, position N"): one line.
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise RecipeError(f"{where}{line}: not valid YAML ({problem})") from None
 
 
 def _short(text: str, limit: int = 60) -> str:
