@@ -78,6 +78,7 @@ def test_unknown_model_type_and_auto_map_are_refused_naming_the_key(tmp_path, ca
     from turnctl.recipe import ModelSection
 
     final = _export(tmp_path / "x")
+    capsys.readouterr()  # the export's own log line is not what this test reads
     cfg = json.loads((final / "config.json").read_text())
     # An unknown model_type alone (no auto_map): transformers would look for custom code.
     (final / "config.json").write_text(json.dumps({**cfg, "model_type": "evil_vit"}))

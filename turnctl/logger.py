@@ -36,8 +36,57 @@ _stderr_console: Optional[Console] = None
 _stdout_console: Optional[Console] = None
 
 
+
+def printable_name(name: str) -> str:
+    """``name`` as a UTF-8 file or a terminal can hold it: the bytes of a file name that are not UTF-8
+    (Python reads them as lone surrogates: os.listdir, tar member names) become ``\\xNN``.
+
+    Keys and class names come from file names (an ImageFolder's folders and files), which on Linux
+    are bytes: ``caf\\xe9.jpg`` written in Latin-1 is a valid name there and a valid shard key, but
+    not text; the report shows it escaped rather than fail on it.
+
+    >>> printable_name(os.fsdecode(b"caf\\xe9_jpg")), printable_name("na\u00efve")
+    ('caf\\\\xe9_jpg', 'naïve')
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name produced (e.g. from JSON): its code point
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def shown(value: object) -> str:
+    """``value`` as rich prints it verbatim: :func:`printable_name`, then markup escaped (a path
+    holding ``[red]x`` or ``[/x]`` is shown as it is, never read as a style or refused).
+
+    >>> print(shown("runs/[red]x"))
+    runs/\\[red]x
+    """
+    from rich.markup import escape
+
+    return escape(printable_name(str(value)))
+
+
 def _is_ci() -> bool:
     return bool(os.environ.get("CI")) or not sys.stderr.isatty()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record, not the one at setup: a
+    redirect or a test's capture made later (and then closed) must not turn records into
+    "--- Logging error ---" tracebacks."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def setup_logging(verbose: bool = False) -> logging.Logger:
@@ -57,11 +106,11 @@ def setup_logging(verbose: bool = False) -> logging.Logger:
         else:
             # A batch job's log file: one line per record (rich would wrap at 80 columns, splitting
             # paths and messages that people grep for).
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.setLevel(logging.DEBUG if verbose else logging.INFO)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
         log.setLevel(logging.WARNING)
     log.addHandler(handler)

@@ -121,7 +121,8 @@ class FeatureSection(Section):
     """Frozen-feature pre-extraction (step 1 input)."""
 
     batch_size: int = Field(default=256, ge=1)
-    # Cache directory; None = <shards>/.features. The cache key covers backbone, revision,
+    # Cache directory; None = <shards>/.features, or <run>/features-cache when the shards are
+    # read-only (one warning; an existing <shards>/.features is still read). The cache key covers backbone, revision,
     # preprocessing and the shards' sha256, so a cache is never reused across them.
     cache_dir: Optional[str] = None
     cache: bool = True

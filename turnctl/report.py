@@ -65,7 +65,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from turnctl.errors import TurnctlError
-from turnctl.logger import log
+from turnctl.logger import log, printable_name
 from turnctl.rundir import atomic_write_text
 
 __all__ = [
@@ -86,28 +86,6 @@ _SEL_NAME = re.compile(r"^epoch_(\d+)\.npz$")
 MAX_PLOT_CLASSES = 20
 
 Run = Union[str, os.PathLike, "Selection"]
-
-
-def printable_name(name: str) -> str:
-    """``name`` as a UTF-8 file or a terminal can hold it: the bytes of a file name that are not UTF-8
-    (Python reads them as lone surrogates: os.listdir, tar member names) become ``\\xNN``.
-
-    Keys and class names come from file names (an ImageFolder's folders and files), which on Linux
-    are bytes: ``caf\\xe9.jpg`` written in Latin-1 is a valid name there and a valid shard key, but
-    not text; the report shows it escaped rather than fail on it.
-
-    >>> printable_name(os.fsdecode(b"caf\\xe9_jpg")), printable_name("na\u00efve")
-    ('caf\\\\xe9_jpg', 'naïve')
-    """
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        pass
-    try:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate no file name produced (e.g. from JSON): its code point
-        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,17 +179,12 @@ def _recipe_fields(run: Path) -> Dict[str, Any]:
     Read from the raw YAML rather than through ``load_recipe``: a run directory outlives recipe
     schema changes, and an unrelated renamed key must not make an old run unreportable.
     """
-    import yaml
-
-    from turnctl.recipe import CleanseSection, DataSection
+    from turnctl.recipe import CleanseSection, DataSection, load_yaml_file
 
     path = run / "recipe.yaml"
     if not path.is_file():
         raise TurnctlError(f"{run}: not a run directory (no recipe.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise TurnctlError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    raw = load_yaml_file(path, what="") or {}  # safe tags only, no aliases, <= 1 MiB, UTF-8
     if not isinstance(raw, dict):
         raise TurnctlError(f"{path}: expected a mapping")
     data, cleanse = raw.get("data") or {}, raw.get("cleanse") or {}

@@ -150,6 +150,11 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     dist.init_distributed(recipe.deepspeed.timeout_minutes)
     splits = open_splits(recipe)  # bad shards fail here, before a run directory is created
     run = RunDir.open(recipe, resume=resume)
+    # Exports replace best/ and final/: a link or a foreign folder there is refused now, not after
+    # the first epoch of training.
+    from turnctl.backbones import check_replaceable
+
+    dist.run_on_main(lambda: [check_replaceable(p) for p in (run.best, run.final)], what="checking best/ and final/")
     holdout = _validation_holdout(recipe, splits, run)
     has_val = "val" in splits or holdout is not None
     if recipe.probe.lr_search and not has_val:
@@ -443,10 +448,10 @@ def _finish_lp(recipe, run, backbone, probe_out, result, t_start) -> Dict[str, A
     hist = probe_out["history"]
     figures = protocol_figures(hist, val_key="val_acc", test_key="test_acc")
     best_i = figures.pop("best_epoch_index")
-    if dist.rank() == 0 and recipe.output.export_final:
+    if recipe.output.export_final:  # on rank 0; a failure there (a full disk) stops every rank
         train = open_split(recipe.data.shards, recipe.data.train_split)
-        backbone.save_pretrained(run.final, class_names=list(train.class_names))
-    dist.barrier()
+        dist.run_on_main(lambda: backbone.save_pretrained(run.final, class_names=list(train.class_names)),
+                         what=f"export to {run.final}")
     # The LP family exports the last head only (the one a user gets); "best" is the figure of the
     # val-selected epoch (docs/PROTOCOL.md).
     result.update({**figures, "best_epoch": hist[best_i]["epoch"] if best_i is not None else None,

@@ -7,7 +7,7 @@ world-writable directory) is arbitrary code execution. Every reader in turnctl g
 ==============================  ================================================================
 what                            how it is read
 ==============================  ================================================================
-recipes, ``recipe.yaml``        ``yaml.safe_load`` (``!!python/...`` tags are refused)
+recipes, ``recipe.yaml``        ``recipe.load_yaml_file``: safe tags only, no anchors/aliases, 1 MiB
 CIFAR python batches            :func:`restricted_loads`: numpy arrays, dtypes, scalars only
 CIFAR-N ``*.pt`` label files    :func:`load_torch_file`: the same, or ``weights_only`` + numpy
 DeepSpeed checkpoints           :func:`guard_deepspeed_engine` / :func:`safe_zero_to_fp32`:

@@ -45,7 +45,7 @@ def command(checkpoint: str, shards: Optional[str], split: str, batch_size: int,
             epoch = rep.get("selected_epoch")
             how = f" (chosen on validation accuracy{f', epoch {epoch}' if epoch is not None else ''})"
         table = Table(title=f"{label}{how}: {escape(rep['checkpoint'])} on {escape(str(rep['shards']))} "
-                            f"[{escape(rep['split'])}]")
+                            f"{escape('[' + rep['split'] + ']')}")
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_row("top-1 accuracy", f"{100 * rep['accuracy']:.2f}%")

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from turnctl.commands.common import emit_json
-from turnctl.logger import result_console
+from turnctl.logger import result_console, shown
 from turnctl.prepare import DATASETS, DEFAULT_SHARD_SIZE, prepare_dataset
 from turnctl.prepare.noise import SYMMETRIC_DEFAULT
 
@@ -99,7 +99,7 @@ def command(dataset: str, root: Optional[str], out: Optional[str], noise: Option
         emit_json(summary)
         return
     n = summary["noise"]
-    title = f"{summary['out']}  ({summary['dataset']}, {summary['num_classes']} classes)"
+    title = shown(f"{summary['out']}  ({summary['dataset']}, {summary['num_classes']} classes)")
     table = Table(title=title)
     for col in ("split", "samples", "shards", "noised", "noise rate", "skipped"):
         table.add_column(col, justify="left" if col == "split" else "right")
@@ -110,7 +110,7 @@ def command(dataset: str, root: Optional[str], out: Optional[str], noise: Option
     console.print(table)
     if n["kind"] != "none":
         conv = f", {n['convention']}" if n.get("convention") else ""
-        console.print(f"noise {n['spec']}{conv}, seed {n['seed']}: realised {_rate(n['realised_noise_rate'])}"
-                      f" (expected {_rate(n.get('expected_noise_rate'))}) on {', '.join(n['applies_to'])}")
+        console.print(shown(f"noise {n['spec']}{conv}, seed {n['seed']}: realised {_rate(n['realised_noise_rate'])}"
+                             f" (expected {_rate(n.get('expected_noise_rate'))}) on {', '.join(n['applies_to'])}"))
     console.print(f"{sum(s['count'] for s in summary['splits'].values()):,} images in "
                   f"{summary['seconds']:.1f} s ({summary['images_per_s']:.0f} images/s)")

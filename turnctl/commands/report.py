@@ -5,19 +5,13 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
 from turnctl.commands.common import emit_json
-from turnctl.logger import result_console
+from turnctl.logger import result_console, shown
 
 
-def _text(v: Any) -> str:
-    """A name or path as the terminal shows it: not-UTF-8 bytes escaped (report.printable_name), and
-    no rich markup read into it (a key such as ``[red]x`` is printed as it is)."""
-    from turnctl.report import printable_name
-
-    return escape(printable_name(str(v)))
+_text = shown  # names and paths printed verbatim (not-UTF-8 bytes and rich markup escaped)
 
 
 def _pct(v: Optional[float]) -> str:
