@@ -21,7 +21,6 @@ import signal
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import pytest
 import yaml
 
 from turnctl.cli import run
