@@ -388,3 +388,18 @@ def test_pixel_limit_is_the_one_train_and_eval_apply(tmp_path, monkeypatch):
     reasons = {s["key"]: s["reason"] for s in m["skipped"]["items"]}
     assert sorted(reasons) == ["train_cat_cat2_jpg", "train_dog_bomb_png", "train_dog_dog2_jpg"]
     assert "12 x 10 = 120 pixels, more than the limit of 100" in reasons["train_cat_cat2_jpg"]
+
+
+# -- 7. names printed as they are ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["[/x]", "[red]y", os.fsdecode(b"caf\xe9")])
+def test_an_out_path_holding_markup_or_non_utf8_bytes_is_printed_as_it_is(tmp_path, capsys, name):
+    # Before: the shards were written, then the summary table raised rich's MarkupError (`[/x]`),
+    # swallowed `[red]` as a style, or failed to encode the Latin-1 byte: `internal error`, exit 1.
+    out = tmp_path / name / "digits"
+    assert prepare("digits", "--out", str(out), "--noise", "symmetric:0.2") == 0
+    assert (out / "manifest.json").is_file()
+    printed = capsys.readouterr().out
+    shown = name if name.isprintable() and name.encode("utf-8", "surrogateescape").isascii() else "caf\\xe9"
+    assert f"{shown}/digits" in printed.replace("\n", ""), printed
