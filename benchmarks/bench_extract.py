@@ -42,10 +42,10 @@ def main(argv=None) -> int:
     import torch
 
     from turnctl import distributed as dist
-    from turnctl.backbones import load_backbone
+    from turnctl.models import load_backbone
     from turnctl.features import extract_features
     from turnctl.recipe import load_recipe
-    from turnctl.shards import open_split
+    from turnctl.data import open_split
     from turnctl.transforms import eval_transform
 
     shards = Path(args.shards)

@@ -67,7 +67,7 @@ def run_one(name: str, family: str, cfg: dict, *, stage: int, micro: int, steps:
     import torch
 
     from turnctl import distributed as dist
-    from turnctl.backbones import load_backbone
+    from turnctl.models import load_backbone
     from turnctl.finetune import FineTuner
     from turnctl.recipe import validate_recipe
 

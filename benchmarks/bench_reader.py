@@ -1,4 +1,4 @@
-"""Reader throughput: turnctl.shards decode+resize samples/s per core vs a plain PIL loop.
+"""Reader throughput: turnctl.data decode+resize samples/s per core vs a plain PIL loop.
 
 The limit is what one core can do with the same JPEGs and the same transform and nothing else:
 
@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from turnctl import shards as S  # noqa: E402
+from turnctl import data as S  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
@@ -252,7 +252,7 @@ def main() -> None:
             results[f"{size}px"] = res
             print(f"{size}px: " + json.dumps(res), flush=True)
     out = {
-        "benchmark": "turnctl.shards decode+resize throughput per core vs a plain PIL loop",
+        "benchmark": "turnctl.data decode+resize throughput per core vs a plain PIL loop",
         "data": source, "shards_written_by": shard_writer, "batch_size": args.batch_size, "samples_per_shard": args.per_shard,
         "repeats": args.repeats, "statistic": "median over repeats; samples per CPU-second of the "
         "process that does the work (workers: getrusage(RUSAGE_CHILDREN)); per_wall_s alongside",

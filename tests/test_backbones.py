@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import transformers as T
-from turnctl.backbones import (
+from turnctl.models import (
     ModelError,
     family_default_preprocess,
     load_backbone,
@@ -281,7 +281,7 @@ def test_zero3_without_accelerate_is_a_clear_error():
 ZERO3_SCRIPT = textwrap.dedent("""
     import torch
     from turnctl import distributed
-    from turnctl.backbones import ModelError, load_backbone
+    from turnctl.models import ModelError, load_backbone
     from turnctl.recipe import load_recipe
     from transformers.integrations import is_deepspeed_zero3_enabled
     import deepspeed

@@ -23,7 +23,7 @@ TINY_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2
 
 
 def _export(path: Path) -> Path:
-    from turnctl.backbones import load_backbone
+    from turnctl.models import load_backbone
     from turnctl.recipe import ModelSection
 
     bb = load_backbone(ModelSection(family="vit", config=TINY_VIT), num_classes=3)
@@ -74,7 +74,7 @@ def test_eval_of_a_run_asking_for_remote_code_is_refused_without_a_prompt(tmp_pa
 
 
 def test_unknown_model_type_and_auto_map_are_refused_naming_the_key(tmp_path, capsys):
-    from turnctl.backbones import ModelError, load_backbone
+    from turnctl.models import ModelError, load_backbone
     from turnctl.recipe import ModelSection
 
     final = _export(tmp_path / "x")
@@ -179,7 +179,7 @@ def _torch_save_hits_full_disk(real):
 
 
 def test_checkpoint_on_a_full_disk_removes_the_partial_tag_and_names_it(tmp_path, monkeypatch):
-    import turnctl.backbones as bb
+    import turnctl.models.exportdir as exportdir
     import turnctl.rundir as rundir
     from turnctl.finetune import check_resumable
 
@@ -187,7 +187,7 @@ def test_checkpoint_on_a_full_disk_removes_the_partial_tag_and_names_it(tmp_path
     tuner = _tuner()
     tuner.save_checkpoint(root, tag="epoch_0000", client_state={}, keep=3)
     monkeypatch.setattr(torch, "save", _torch_save_hits_full_disk(torch.save))
-    monkeypatch.setattr(bb, "_nearly_full", lambda path: True, raising=False)  # the disk after such a write
+    monkeypatch.setattr(exportdir, "_nearly_full", lambda path: True, raising=False)  # the disk after such a write
     with pytest.raises(OSError) as exc:
         tuner.save_checkpoint(root, tag="epoch_0001", client_state={}, keep=3)
     assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(root / "epoch_0001")
@@ -255,7 +255,7 @@ def test_checkpoint_rotation_never_follows_a_link_nor_deletes_a_foreign_director
 
 
 def test_an_export_replaces_only_an_export_turnctl_wrote(tmp_path, capsys):
-    from turnctl.backbones import ModelError
+    from turnctl.models import ModelError
 
     victim = _user_data(tmp_path / "home" / "data")
     want = _files(victim)
@@ -289,8 +289,8 @@ def test_report_on_an_imagefolder_with_latin1_file_names(tmp_path, capsys):
     table and JSON are written, the names escaped as \\xNN; the run directory's name too."""
     from PIL import Image
 
-    from turnctl.report import _read_idx_members
-    from turnctl.shards import open_split
+    from turnctl.report.keys import _read_idx_members
+    from turnctl.data import open_split
 
     rng = np.random.default_rng(0)
     root = os.fsencode(tmp_path / "folder")

@@ -52,7 +52,7 @@ def _bomb(levels: int = 9) -> str:
 _BOUNDED = r"""
 import contextlib, io, json, resource, sys
 from turnctl.cli import run
-import turnctl.runner, turnctl.evaluate, turnctl.backbones  # the heavy imports, before the limit
+import turnctl.runner, turnctl.evaluate, turnctl.models  # the heavy imports, before the limit
 
 def vm_bytes():
     with open("/proc/self/status") as f:

@@ -191,7 +191,7 @@ def test_sizes_json_of_the_wrong_shape_is_one_line_naming_the_entry(tmp_path, ca
 
 @pytest.mark.parametrize("name", ["manifest.json", "sizes.json"])
 def test_oversized_metadata_is_refused_before_it_is_read(tmp_path, capsys, name):
-    from turnctl import shards as S
+    from turnctl import data as S
 
     toy = _toy(tmp_path)
     limit = S.MAX_MANIFEST_BYTES if name == "manifest.json" else S.MAX_SIZES_BYTES
@@ -250,14 +250,14 @@ def test_shard_names_must_be_plain_file_names_inside_the_directory(tmp_path, cap
 
 def test_decode_image_refuses_a_declared_bomb_before_decoding():
     from turnctl import pixels
-    from turnctl.shards import decode_image
+    from turnctl.data import decode_image
 
     with pytest.raises(pixels.TooManyPixels, match=r"10000 x 10000 = 100,000,000 pixels"):
         decode_image(_png_declaring(10_000, 10_000))
 
 
 def test_a_bomb_in_a_shard_is_counted_undecodable_with_its_size(tmp_path, caplog):
-    from turnctl.shards import ToTensorResize, exact_loader, open_split, train_loader
+    from turnctl.data import ToTensorResize, exact_loader, open_split, train_loader
 
     toy = _toy(tmp_path)
     _replace_image(toy.root, "train-000000.tar", 3, _png_declaring(10_000, 10_000))

@@ -12,6 +12,7 @@ import torch
 
 import turnctl.cleanse as cleanse
 from turnctl.cleanse import balanced_subset, fit_reference_sklearn, select_clean
+from turnctl.cleanse import gmm, inputs, mixture, reference, select
 from turnctl.errors import DataError, TurnctlError
 
 TINY = (2, 3, 5)  # sizes of the tiny classes appended to every synthetic set
@@ -82,9 +83,9 @@ def test_matches_converged_sklearn(data, converged_pair):
 def our_initial_split(v):
     """Size of the low cluster of the 2-means partition select_clean starts EM from (one class)."""
     x = torch.from_numpy(np.asarray(v, dtype=np.float64))
-    pc, lo = cleanse._Pieces.build(x, torch.zeros(x.numel(), dtype=torch.int64), 1)
+    pc, lo = gmm._Pieces.build(x, torch.zeros(x.numel(), dtype=torch.int64), 1)
     n = pc.counts.to(torch.float64)
-    n1, _, _ = cleanse._init_two_means(pc, n, pc.max(pc.X), torch.tensor([True]))
+    n1, _, _ = gmm._init_two_means(pc, n, pc.max(pc.X), torch.tensor([True]))
     return x.numel() - int(n1[0])
 
 
@@ -309,16 +310,16 @@ def test_internal_fast_paths_do_not_change_results(data, monkeypatch):
     """Working-set compaction, the derived component-1 sums and the row length are optimisations only."""
     losses, labels, C = data
     base = select_clean(losses, labels, num_classes=C, max_iter=50, tol=1e-4)
-    monkeypatch.setattr(cleanse, "_COMPACT_BELOW", 0.0)  # never compact
-    monkeypatch.setattr(cleanse, "_THIN", 2.0)  # every class sums component 1 directly
+    monkeypatch.setattr(gmm, "_COMPACT_BELOW", 0.0)  # never compact
+    monkeypatch.setattr(gmm, "_THIN", 2.0)  # every class sums component 1 directly
     slow = select_clean(losses, labels, num_classes=C, max_iter=50, tol=1e-4)
     np.testing.assert_array_equal(slow.n_iter, base.n_iter)
     np.testing.assert_allclose(slow.clean_prob, base.clean_prob, atol=1e-6)
     np.testing.assert_allclose(slow.means, base.means, rtol=1e-9, atol=1e-12)
-    monkeypatch.setattr(cleanse, "_COMPACT_BELOW", 1.01)  # compact after every iteration
+    monkeypatch.setattr(gmm, "_COMPACT_BELOW", 1.01)  # compact after every iteration
     eager = select_clean(losses, labels, num_classes=C, max_iter=50, tol=1e-4)
     np.testing.assert_array_equal(eager.clean_prob, slow.clean_prob)
-    monkeypatch.setattr(cleanse, "_ROW_MAX", 8)  # another row layout: more rows, other padding
+    monkeypatch.setattr(gmm, "_ROW_MAX", 8)  # another row layout: more rows, other padding
     short_rows = select_clean(losses, labels, num_classes=C, max_iter=50, tol=1e-4)
     np.testing.assert_array_equal(short_rows.n_iter, base.n_iter)
     np.testing.assert_allclose(short_rows.clean_prob, base.clean_prob, atol=1e-6)
@@ -417,5 +418,6 @@ def test_balanced_subset_bad_arguments():
 def test_docstring_examples_run():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = doctest.testmod(cleanse, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 10 and result.failed == 0
+        results = [doctest.testmod(m, optionflags=doctest.ELLIPSIS)
+                   for m in (cleanse, gmm, inputs, mixture, reference, select)]
+    assert sum(r.attempted for r in results) >= 10 and sum(r.failed for r in results) == 0

@@ -116,10 +116,11 @@ def test_with_a_shuffle_buffer_corrupt_skipped_counts_skips_not_samples(corrupt_
     corrupt sample is skipped at most twice: 0 <= corrupt_skipped <= 2 x 2 per epoch.
     Simulates the two ranks in-process with tiny's settings (buffer 64, seed = epoch for seed 0).
     """
-    import turnctl.shards as S
+    import turnctl.data as S
+    from turnctl.data import stages
 
     failed = []
-    real_decode = S.decode_image
+    real_decode = stages.decode_image
 
     def spy(data):
         try:
@@ -128,7 +129,7 @@ def test_with_a_shuffle_buffer_corrupt_skipped_counts_skips_not_samples(corrupt_
             failed.append(bytes(data))
             raise
 
-    monkeypatch.setattr(S, "decode_image", spy)  # num_workers=0: decoding runs in this process
+    monkeypatch.setattr(stages, "decode_image", spy)  # the _Decode stage's; num_workers=0: in this process
     info = S.open_split(corrupt_shards.root, "train")
     steps = _micro_steps(info.num_samples)
     totals, twice = [], False
@@ -245,7 +246,7 @@ def test_missing_shard_is_a_one_line_error_before_training(tmp_path, nproc):
 
 def test_damaged_shards_are_not_hashed_by_default_but_verify_names_them(tmp_path):
     from turnctl.errors import DataError
-    from turnctl.shards import open_split
+    from turnctl.data import open_split
 
     toy = write_toy_shards(tmp_path / "toy", counts={"train": [40, 40, 40]}, num_classes=NUM_CLASSES,
                            image_size=16, seed=0)
@@ -265,7 +266,7 @@ def test_damaged_shards_are_not_hashed_by_default_but_verify_names_them(tmp_path
     # the bytes in the header's checksum field are (non-octal ones used to raise a bare ValueError).
     import tarfile
 
-    from turnctl.shards import iter_tar
+    from turnctl.data import iter_tar
 
     for seed in range(4):
         garbage = np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
@@ -280,7 +281,7 @@ def test_truncated_shard_counted_in_training_and_fails_exact_coverage(tmp_path):
     coverage check turns into a DistributedError naming the count."""
     from turnctl.distributed import check_coverage
     from turnctl.errors import DistributedError
-    from turnctl.shards import ToTensorResize, exact_loader, open_split, train_loader
+    from turnctl.data import ToTensorResize, exact_loader, open_split, train_loader
 
     toy = write_toy_shards(tmp_path / "toy", counts={"train": TRAIN_SHARDS}, num_classes=NUM_CLASSES,
                            image_size=16, seed=0)
@@ -386,7 +387,7 @@ def test_share_shards_false_refuses_fewer_shards_than_readers(tmp_path):
     the recipe does not expose it, so `turnctl train` always shares."""
     from turnctl.errors import DataError
     from turnctl.recipe import DataSection
-    from turnctl.shards import ToTensorResize, open_split, train_loader
+    from turnctl.data import ToTensorResize, open_split, train_loader
 
     toy = write_toy_shards(tmp_path / "toy", counts={"train": [40, 40, 37]}, num_classes=NUM_CLASSES,
                            image_size=8, seed=0)

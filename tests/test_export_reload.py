@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import transformers as T
-from turnctl.backbones import load_backbone
+from turnctl.models import load_backbone
 from turnctl.evaluate import load_model
 from turnctl.recipe import ModelSection, load_recipe
 from turnctl.transforms import eval_transform

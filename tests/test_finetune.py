@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from turnctl import distributed as dist
-from turnctl.backbones import load_backbone
-from turnctl.finetune import FineTuner, accuracy_report, lr_at
+from turnctl.models import load_backbone
+from turnctl.finetune import FineTuner
+from turnctl.metrics import accuracy_report
 from turnctl.recipe import load_recipe
+from turnctl.schedule import lr_at
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +98,7 @@ def test_cosine_spans_the_methods_own_epochs(world_of_one, tmp_path):
     # finetune.epochs (4), so their last epoch trained at lr 0.
     from shardgen import write_toy_shards
 
-    from turnctl.shards import ToTensorResize, open_split
+    from turnctl.data import ToTensorResize, open_split
 
     write_toy_shards(tmp_path / "s", counts={"train": [24]}, num_classes=3, image_size=8, seed=0)
     info = open_split(tmp_path / "s", "train")

@@ -293,7 +293,7 @@ def _judge_call(findings: Findings, case: int, fn: Callable[[], Any], shown: str
 def test_fuzz_manifest_and_sizes(tmp_path):
     from shardgen import write_toy_shards
 
-    from turnctl.shards import open_split
+    from turnctl.data import open_split
 
     root = tmp_path / "toy"
     write_toy_shards(root, counts={"train": [6, 5], "val": [4], "test": [4]}, num_classes=3)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from turnctl.errors import RecipeError
-from turnctl.finetune import FineTuner, epoch_lrs, lr_at
+from turnctl.finetune import FineTuner, epoch_lrs
 from turnctl.recipe import load_recipe
+from turnctl.schedule import lr_at
 
 PAPER_RECIPES = ["vit_b16", "clip_b16", "mae_b16", "msn_b16", "vit_l16", "convnext_t", "resnet50", "clip_l14"]
 # CIFAR-100 (50k train) after TURN's class-balanced selection, per epoch: ~3,600 samples at 90%
@@ -124,7 +125,7 @@ def _tuner(recipe, num_classes: int, size: int) -> FineTuner:
 def test_lr_per_step_is_what_each_step_used_and_survives_a_mid_epoch_resume(tmp_path, warmup):
     from shardgen import write_toy_shards
 
-    from turnctl.shards import ToTensorResize, open_split
+    from turnctl.data import ToTensorResize, open_split
 
     write_toy_shards(tmp_path / "s", counts={"train": [48]}, num_classes=3, image_size=8, seed=0)
     info = open_split(tmp_path / "s", "train")

@@ -6,7 +6,7 @@
 * ZeRO-Offload of the optimizer (deepspeed.offload_optimizer) on two CPU ranks: train, checkpoint,
   --stop-after, --resume and eval work, and the run equals the uninterrupted one without offload.
   DeepSpeed refuses a client optimizer under ZeRO-Offload unless zero_force_ds_cpu_optimizer is
-  false (turnctl/recipe.py sets it); turnctl's own SGD/AdamW then steps the CPU partitions. On CPU
+  false (turnctl/recipe/__init__.py sets it); turnctl's own SGD/AdamW then steps the CPU partitions. On CPU
   ranks the arithmetic is the same as without offload, so conftest's reference run (ZeRO-2, no
   offload, same recipe) is what the offloaded, interrupted and resumed run must reproduce.
 """

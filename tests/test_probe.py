@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from turnctl.errors import DataError
 from turnctl.losses import gce_loss
-from turnctl.probe import accuracy, init_head, lr_schedule, predict, train_linear_probe
+from turnctl.probe import accuracy, init_head, predict, train_linear_probe
 from turnctl.recipe import LossSection, ProbeSection
+from turnctl.schedule import lr_schedule
 
 
 def blobs(n=50, d=6, c=3, seed=0):
@@ -179,7 +180,7 @@ def digits_features():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from turnctl.backbones import load_backbone
+    from turnctl.models import load_backbone
     from turnctl.recipe import ModelSection
     from turnctl.transforms import eval_transform
 

@@ -154,7 +154,7 @@ def test_val_fraction_on_shards_with_a_val_split_is_refused(tmp_path):
 
 
 def test_selection_quality_is_absent_not_zero_when_nothing_is_known():
-    from turnctl.runner import selection_quality
+    from turnctl.metrics import selection_quality
 
     given = np.array([0, 1, 0, 1])
     ok = np.ones(4, dtype=bool)

@@ -1,12 +1,10 @@
 """Typed recipes: unknown keys, typed --set overrides, ranges, the batch triad, shipped recipes."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from turnctl.errors import RecipeError
-from turnctl.recipe import available_recipes, load_recipe, validate_recipe
+from turnctl.recipe import available_recipes, load_recipe, resolve_recipe_path, validate_recipe
 
 SHIPPED = ["vit_b16", "vit_l16", "clip_b16", "clip_l14", "convnext_t", "mae_b16", "msn_b16",
            "resnet50", "tiny", "demo"]
@@ -44,7 +42,7 @@ def test_gpu_recipes_use_bf16_and_zero2():
 
 
 def test_misspelt_key_in_file_names_it_and_the_closest_key(tmp_path):
-    raw = yaml.safe_load(Path(load_recipe.__globals__["resolve_recipe_path"]("tiny")).read_text())
+    raw = yaml.safe_load(resolve_recipe_path("tiny").read_text())
     raw["cleanse"]["tua"] = 0.5
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump(raw))

@@ -138,7 +138,7 @@ def test_per_class_table_sums_to_the_split_and_matches_the_csv(trained):
 
 def test_the_plotted_mixture_reproduces_the_selection(trained):
     """The plot's axis and curves are right iff the stored mixture, evaluated on the losses as
-    normalised by report.py, gives back the stored clean_prob and its tau lines sit at p = tau."""
+    normalised by turnctl.report, gives back the stored clean_prob and its tau lines sit at p = tau."""
     from turnctl.report import load_selection, mixture_posterior, tau_crossings
 
     _, out = trained

@@ -117,7 +117,7 @@ def test_cifar_pickles_and_cifar_n_label_files_are_refused(tmp_path):
 def test_shard_members_are_never_unpickled(tmp_path):
     from shardgen import write_toy_shards
 
-    from turnctl import shards as S
+    from turnctl import data as S
 
     marker = tmp_path / "pwned"
     toy = write_toy_shards(tmp_path / "toy", counts={"train": [6]}, num_classes=2, seed=1)
@@ -158,14 +158,15 @@ def test_shard_members_are_never_unpickled(tmp_path):
 # ---- exports, weights files, feature cache ------------------------------------------------------
 
 def _tiny_backbone(num_classes=3):
-    from turnctl.backbones import load_backbone
+    from turnctl.models import load_backbone
     from turnctl.recipe import ModelSection
 
     return load_backbone(ModelSection(family="vit", config=TINY_VIT), num_classes=num_classes)
 
 
 def test_exports_and_weight_files_are_refused(tmp_path, capsys):
-    from turnctl.backbones import ModelError, _read_state_dict, load_backbone
+    from turnctl.models import ModelError, load_backbone
+    from turnctl.models.efficientnet import read_state_dict
     from turnctl.recipe import ModelSection
 
     marker = tmp_path / "pwned"
@@ -198,7 +199,7 @@ def test_exports_and_weight_files_are_refused(tmp_path, capsys):
     # a .pth weights file (EfficientNet families)
     pth = evil_torch(tmp_path / "weights.pth", marker)
     with pytest.raises(ModelError) as err:
-        _read_state_dict(str(pth))
+        read_state_dict(str(pth))
     one_line(err.value, str(pth), "posix.system")
     assert not marker.exists()
 
@@ -217,7 +218,7 @@ def test_feature_cache_pickle_is_refused_and_replaced(tmp_path):
     from safetensors import safe_open
 
     from turnctl import features as F
-    from turnctl.shards import open_split
+    from turnctl.data import open_split
     from turnctl.transforms import eval_transform
 
     marker = tmp_path / "pwned"

@@ -1,4 +1,4 @@
-"""turnctl.shards: exact-once lockstep reading, training epochs, corrupt data, the shard format.
+"""turnctl.data: exact-once lockstep reading, training epochs, corrupt data, the shard format.
 
 Ranks are simulated in-process by passing rank/world_size (the reader never talks to a process
 group); the acceptance test at the end runs two real ranks x two DataLoader workers under
@@ -23,7 +23,8 @@ from PIL import Image, ImageFile
 
 import launch
 from shardgen import truncated_jpeg, write_toy_shards
-from turnctl import shards as S
+from turnctl import data as S
+from turnctl.data import stages, tar
 from turnctl.distributed import check_coverage
 from turnctl.errors import DataError
 
@@ -47,7 +48,7 @@ def clean_toy(tmp_path_factory):
 def check_stats(stats, want, workers):
     """corrupt is exact as of each worker's last delivered row; read and filtered may include up to
     DECODE_CHUNK samples per worker pulled ahead of decoding."""
-    ahead = S.DECODE_CHUNK * workers
+    ahead = stages.DECODE_CHUNK * workers
     assert stats["corrupt"] == want["corrupt"]
     assert want["read"] <= stats["read"] <= want["read"] + ahead
     assert want["filtered"] <= stats["filtered"] <= want["filtered"] + ahead
@@ -201,7 +202,7 @@ def test_tar_reader_matches_webdataset(tmp_path, fmt):
         ti.size = len(payload)
         tf.addfile(ti, io.BytesIO(payload))
     urls = [{"url": str(p)} for p in sorted(toy.root.glob("train-*.tar"))]
-    ours = list(S.group_samples(S.expand_tars(iter(urls), wds.reraise_exception), wds.reraise_exception))
+    ours = list(tar.group_samples(tar.expand_tars(iter(urls), wds.reraise_exception), wds.reraise_exception))
     theirs = list(wds.tarfile_samples([dict(u) for u in urls]))
     assert [s["__key__"] for s in theirs][3] == "zz_extra" and "pyd" in theirs[3]
     theirs.pop(3)  # ours never reads the .pyd member, so there is no sample for its key
@@ -213,7 +214,7 @@ def test_group_samples_skips_eof_and_never_merges_shards():
     files = [{"fname": "k1.idx", "data": b"0", "__url__": "a"}, {},
              {"fname": "k1.cls", "data": b"1", "__url__": "b"},  # same key, next shard
              {"fname": "k2.jpg", "data": b"x", "__url__": "b"}, {}]
-    out = list(S.group_samples(iter(files), wds.reraise_exception))
+    out = list(tar.group_samples(iter(files), wds.reraise_exception))
     assert out == [{"__key__": "k1", "__url__": "a", "idx": b"0"},
                    {"__key__": "k1", "__url__": "b", "cls": b"1"},
                    {"__key__": "k2", "__url__": "b", "jpg": b"x"}]
@@ -224,10 +225,10 @@ def test_broken_tar_is_a_counted_stream_error(tmp_path):
     info = S.open_split(d.root, "train")  # opened intact: the cut below happens while a run reads
     p = d.root / "train-000001.tar"
     p.write_bytes(p.read_bytes()[:1300])  # cut inside the second sample
-    c = S._Counters()
-    h = S.CountingHandler(c)
+    c = stages._Counters()
+    h = stages.CountingHandler(c)
     urls = [{"url": str(x)} for x in sorted(d.root.glob("train-*.tar"))]
-    keys = [s["__key__"] for s in S.group_samples(S.expand_tars(iter(urls), h), h)]
+    keys = [s["__key__"] for s in tar.group_samples(tar.expand_tars(iter(urls), h), h)]
     assert keys[:5] == [f"train_{i:06d}" for i in range(5)] and c.errors == 1
     # Exact mode: the loss shows up as missing idx, on every rank alike, in the same step count.
     steps, batches, loaders = exact_pass(info, world=2, bs=3)
@@ -412,7 +413,7 @@ def test_train_corrupt_skipped_and_counted(toy):
 def test_all_corrupt_is_an_error_not_a_spin(tmp_path, monkeypatch):
     d = write_toy_shards(tmp_path / "d", counts={"train": [3, 3]}, num_classes=2,
                          corrupt={"train": range(6)})
-    monkeypatch.setattr(S, "MAX_CONSECUTIVE_CORRUPT", 25)
+    monkeypatch.setattr(stages, "MAX_CONSECUTIVE_CORRUPT", 25)  # read by the _Decode stage
     ld = S.train_loader(S.open_split(d.root, "train"), transform=TF, batch_size=2, epoch=0, seed=0,
                         rank=0, world_size=1, num_workers=0, shuffle_buffer=0)
     with pytest.raises(DataError, match="25 undecodable samples in a row"):

@@ -4,7 +4,7 @@ The package follows the data flow, one module per step::
 
     prepare/   raw dataset -> WebDataset shards with recorded label noise
     shards     streaming reader over those shards (every rank the same number of steps)
-    backbones  pre-trained feature extractors behind one small interface
+    models/    pre-trained feature extractors behind one small interface
     features   frozen-feature pre-extraction on every rank, gathered to rank 0, cached
     probe      linear probe on rank 0 (CE / GCE / ELR)
     cleanse    per-class two-component GMM on per-sample losses -> balanced clean subset

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from turnctl import distributed as dist
 from turnctl.errors import RecipeError
-from turnctl.recipe import METHODS, Recipe
+from turnctl.methods.registry import METHODS, method_list
+from turnctl.recipe import Recipe
 from turnctl.rundir import atomic_write_json
 
 
@@ -40,13 +41,18 @@ def _mean_std(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
     return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
 
 
+def check_methods(methods: Sequence[str]) -> None:
+    """Every name a registered method, or one line naming the first that is not."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise RecipeError(f"--methods: unknown method '{unknown[0]}' (choose from {method_list()})")
+
+
 def compare_methods(recipe: Recipe, *, methods: Sequence[str], seeds: Sequence[int], out: Path) -> Optional[Dict[str, Any]]:
     """Collective. Returns the comparison on rank 0 (None elsewhere)."""
     from turnctl.runner import train_from_recipe
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise RecipeError(f"--methods: unknown method '{unknown[0]}' (choose from {', '.join(METHODS)})")
+    check_methods(methods)
     out = Path(out)
     runs: List[Dict[str, Any]] = []
     for method in methods:
@@ -79,7 +85,7 @@ def compare_methods(recipe: Recipe, *, methods: Sequence[str], seeds: Sequence[i
                   "columns": COLUMNS,
                   "seeds": list(seeds), "table": table, "runs": runs}
     atomic_write_json(out / "compare.json", comparison)
-    turn_runs = [x for x in runs if x["method"] in ("turn", "turn-nmtune") and x["selection"]]
+    turn_runs = [x for x in runs if "cleanse" in METHODS[x["method"]].steps and x["selection"]]
     summary = {
         "test_accuracy": {m.replace("-", "_"): table[m]["last"]["mean"] for m in methods},
         "test_accuracy_best": {m.replace("-", "_"): table[m]["best"]["mean"] for m in methods},

@@ -305,6 +305,40 @@ def comm_device():
     return torch.device("cpu")
 
 
+def compute_device(device: Any = None):
+    """The device this rank computes on: ``device`` when one is named (not None or "auto"), else its
+    local GPU (LOCAL_RANK modulo the visible GPUs) when there is one, else the CPU.
+
+    >>> str(compute_device("cpu"))
+    'cpu'
+    """
+    import torch
+
+    if device is not None and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", env_local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def all_reduce(tensor, *, op: str = "sum"):
+    """``tensor`` summed (``op="sum"``) or maxed (``"max"``) over all ranks, on the tensor's own
+    device; ``tensor`` itself in a world of one. Collective.
+
+    >>> import torch
+    >>> all_reduce(torch.tensor([1.0, 2.0]), op="max").tolist()
+    [1.0, 2.0]
+    """
+    if not is_initialized() or world_size() == 1:
+        return tensor
+    import torch.distributed as dist
+
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    t = tensor.to(comm_device())
+    dist.all_reduce(t, op=ops[op])
+    return t.to(tensor.device)
+
+
 def _padded(tensor):
     """This rank's tensor on the comm device, padded along dim 0 to the longest rank's, and every
     rank's true length (one all_gather of the lengths)."""

@@ -17,8 +17,9 @@ import torch
 
 from turnctl import distributed as dist
 from turnctl.errors import TurnctlError
-from turnctl.lockstep import per_sample_pass, run_device
-from turnctl.shards import open_split
+from turnctl.lockstep import per_sample_pass
+from turnctl.metrics import accuracy_report
+from turnctl.data import open_split
 
 
 def _is_export(path: Path) -> bool:
@@ -48,7 +49,7 @@ def resolve_targets(checkpoint: Path) -> List[Tuple[str, Path]]:
 
 def load_model(path: Path):
     """A Backbone (with its classifier) from an export or a DeepSpeed checkpoint, plus its metadata."""
-    from turnctl.backbones import load_backbone, load_exported
+    from turnctl.models import load_backbone, load_exported
 
     if _is_export(path):
         model = load_exported(path)
@@ -83,14 +84,13 @@ def load_model(path: Path):
 
 def evaluate_model(model, shards: str, split: str, *, batch_size: int = 256, num_workers: int = 1) -> Optional[Dict[str, Any]]:
     """Accuracy report of ``model`` on ``shards/split`` (rank 0; None on other ranks). Collective."""
-    from turnctl.finetune import accuracy_report
     from turnctl.transforms import eval_transform
 
     info = open_split(shards, split)
     head = getattr(model, "num_classes", None)
     if head is not None and head != info.num_classes:
         raise TurnctlError(f"the model has {head} classes but {shards} has {info.num_classes}; pass the right --shards")
-    device = run_device()
+    device = dist.compute_device()
     model = model.to(device).eval()
 
     def forward(x):

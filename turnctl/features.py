@@ -30,9 +30,9 @@ import torch
 from turnctl import __version__
 from turnctl import distributed as dist
 from turnctl.errors import DataError
-from turnctl.lockstep import per_sample_pass, run_device
+from turnctl.lockstep import per_sample_pass
 from turnctl.logger import log
-from turnctl.shards import SplitInfo
+from turnctl.data import SplitInfo
 
 FEATURE_FORMAT = 1
 
@@ -207,7 +207,7 @@ def extract_features(
         if dist.rank() == 0:
             log.info("features [%s]: cache hit %s", info.split, cached.path)
         return cached
-    device = run_device()
+    device = dist.compute_device()
     was_training = backbone.training
     backbone.eval()
     fwd = forward or backbone.features

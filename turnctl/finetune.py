@@ -4,8 +4,8 @@
 per-sample loss pass over the whole train split (eval mode, no augmentation, lockstep), one training
 epoch on a subset (the same number of optimizer steps on every rank), evaluation, and checkpoints.
 
-The optimizer and the LR schedule are turnctl's own (SGD or AdamW; optional linear warmup, then
-cosine or constant), and the schedule runs on *training progress*: the fraction of all of the
+The optimizer is turnctl's own (SGD or AdamW) and so is the LR schedule (turnctl/schedule.py: optional
+linear warmup, then cosine or constant), which runs on *training progress*: the fraction of all of the
 method's fine-tuning epochs done, ``(epoch + micro-steps done / micro-steps of the epoch) / epochs``.
 TURN's epochs have different lengths (the clean subset is redrawn every epoch), so the total number
 of optimizer steps is not known when training starts; progress is. The warmup is therefore
@@ -22,7 +22,6 @@ cosine) is still honoured so that older recipes reproduce their runs.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -36,10 +35,11 @@ import torch.nn.functional as F
 
 from turnctl import distributed as dist
 from turnctl.errors import TurnctlError
-from turnctl.lockstep import per_sample_pass, run_device
+from turnctl.lockstep import per_sample_pass
 from turnctl.logger import log, track
 from turnctl.recipe import Recipe
-from turnctl.shards import SplitInfo, train_loader
+from turnctl.schedule import lr_at
+from turnctl.data import SplitInfo, train_loader
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -50,37 +50,18 @@ def build_optimizer(params, *, name: str, lr: float, weight_decay: float, moment
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def lr_at(*, base_lr: float, schedule: str, progress: float, warmup_ratio: float = 0.0,
-          warmup_steps: int = 0, global_step: int = 0) -> float:
-    """The learning rate of the optimizer step that ends at ``progress`` (fraction of all fine-tuning
-    epochs done after that step, in [0, 1]).
-
-    ``warmup_ratio`` > 0: linear from 0 to ``base_lr`` over the first ``warmup_ratio`` of the progress,
-    then cosine (or constant) over the rest, as Hugging Face's cosine schedule with warmup.
-    ``warmup_steps`` > 0 (legacy): the cosine over all of the progress times a linear ramp over the
-    first ``warmup_steps`` optimizer steps of the run (``global_step`` counts them from 0).
-    """
-    progress = min(max(progress, 0.0), 1.0)
-    if warmup_ratio > 0 and progress < warmup_ratio:
-        return base_lr * progress / warmup_ratio
-    rest = (progress - warmup_ratio) / (1.0 - warmup_ratio)
-    scale = 0.5 * (1.0 + math.cos(math.pi * rest)) if schedule == "cosine" else 1.0
-    if warmup_steps > 0 and global_step < warmup_steps:
-        scale *= (global_step + 1) / warmup_steps
-    return base_lr * scale
-
-
 def epoch_lrs(ft, *, epoch: int, total_epochs: int, steps: int, accum: int, first_global_step: int) -> List[float]:
     """The LR of each optimizer step of one epoch of ``steps`` micro-steps (``accum`` per optimizer
-    step), ``ft`` being the recipe's ``finetune`` section; ``first_global_step`` is the run's
-    optimizer-step count when the epoch began (only the legacy ``warmup_steps`` reads it)."""
+    step), ``ft`` being the recipe's ``finetune`` section: :func:`turnctl.schedule.lr_at` at the
+    progress after that step; ``first_global_step`` is the run's optimizer-step count when the epoch
+    began (only the legacy ``warmup_steps`` reads it)."""
     return [lr_at(base_lr=ft.lr, schedule=ft.schedule, warmup_ratio=ft.warmup_ratio, warmup_steps=ft.warmup_steps,
                   global_step=first_global_step + k, progress=(epoch + (k + 1) * accum / steps) / total_epochs)
             for k in range(steps // accum)]
 
 
 class FineTuner:
-    """A DeepSpeed engine around a :class:`turnctl.backbones.Backbone` configured by a recipe."""
+    """A DeepSpeed engine around a :class:`turnctl.models.Backbone` configured by a recipe."""
 
     def __init__(self, backbone, recipe: Recipe):
         import deepspeed
@@ -88,7 +69,7 @@ class FineTuner:
         self.recipe = recipe
         self.backbone = backbone
         self.world = dist.world_size()
-        device = run_device()
+        device = dist.compute_device()
         self.precision = recipe.precision_for(device.type)
         self.ds_config = recipe.deepspeed_config(self.world, device.type)
         self.accum = self.ds_config["gradient_accumulation_steps"]
@@ -238,12 +219,7 @@ class FineTuner:
         stats = torch.tensor([loss_sum.item(), float(done), float(seen),
                               float(loader_stats.get("corrupt", 0)), float(loader_stats.get("errors", 0))],
                              dtype=torch.float64)
-        if dist.is_initialized() and self.world > 1:
-            import torch.distributed as tdist
-
-            stats = stats.to(dist.comm_device())
-            tdist.all_reduce(stats)
-            stats = stats.cpu()
+        stats = dist.all_reduce(stats)
         out = {"train_loss": float(stats[0] / max(stats[1], 1)), "steps": steps,
                "optimizer_steps": steps // self.accum, "samples": int(stats[2]),
                "samples_per_s": float(stats[2]) / max(wall, 1e-9), "wall_s": wall,
@@ -266,12 +242,7 @@ class FineTuner:
         bad = ~torch.isfinite(per_sample.detach())
         flags = torch.stack([bad.any().to(torch.float32),
                              torch.tensor(float(stop is not None and stop.requested), device=bad.device)])
-        if dist.is_initialized() and self.world > 1:
-            import torch.distributed as tdist
-
-            flags = flags.to(dist.comm_device())
-            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
-        flags = flags.cpu()
+        flags = dist.all_reduce(flags, op="max").cpu()
         if float(flags[0]) > 0:
             local = batch["idx"][bad.cpu()].tolist()
             where = f"idx {local[:5]}" if local else "on another rank"
@@ -295,7 +266,7 @@ class FineTuner:
         Rotation deletes only checkpoint directories turnctl wrote (:func:`is_own_checkpoint_dir`),
         never a link's target.
         """
-        from turnctl.backbones import write_error
+        from turnctl.models import write_error
         from turnctl.rundir import atomic_write_json, atomic_write_text
 
         root = Path(root)
@@ -467,24 +438,3 @@ def check_resumable(root: Path, *, world_size: int) -> Optional[str]:
         raise TurnctlError(f"{Path(root) / tag}: written by {info['world_size']} ranks, resumed with {world_size}; "
                            f"ZeRO shards the optimizer state by rank: resume with {info['world_size']} ranks")
     return tag
-
-
-def accuracy_report(pred: np.ndarray, labels: np.ndarray, ok: np.ndarray, *, num_classes: int,
-                    class_names: Sequence[str] = (), top_confusions: int = 5) -> Dict[str, Any]:
-    """Top-1, per-class accuracy and the most confused (true, predicted) pairs."""
-    mask = ok.astype(bool) & (labels >= 0)
-    y, p = labels[mask].astype(np.int64), pred[mask].astype(np.int64)
-    acc = float((y == p).mean()) if y.size else float("nan")
-    counts = np.bincount(y, minlength=num_classes)
-    correct = np.bincount(y[y == p], minlength=num_classes)
-    per_class = np.where(counts > 0, correct / np.maximum(counts, 1), np.nan)
-    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(conf, (y, p), 1)
-    np.fill_diagonal(conf, 0)
-    flat = np.argsort(conf, axis=None)[::-1][:top_confusions]
-    name = (lambda c: class_names[c] if c < len(class_names) else str(c))
-    pairs = [{"true": name(int(i // num_classes)), "predicted": name(int(i % num_classes)),
-              "count": int(conf.flat[i])} for i in flat if conf.flat[i] > 0]
-    return {"accuracy": acc, "num_samples": int(y.size), "undecodable": int((~ok.astype(bool)).sum()),
-            "per_class_accuracy": [None if np.isnan(a) else float(a) for a in per_class],
-            "most_confused": pairs}

@@ -66,7 +66,7 @@ def read_given_labels(info) -> np.ndarray:
     import tarfile
 
     from turnctl.errors import DataError
-    from turnctl.shards import iter_tar
+    from turnctl.data import iter_tar
 
     labels = np.full(info.num_samples, -1, dtype=np.int64)
     for path in info.shard_paths:

@@ -15,16 +15,9 @@ import torch
 
 from turnctl import distributed as dist
 from turnctl.logger import track
-from turnctl.shards import SplitInfo, exact_loader
+from turnctl.data import SplitInfo, exact_loader
 
 Collect = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
-
-
-def run_device() -> torch.device:
-    """The device this rank computes on: its local GPU when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.env_local_rank() % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -51,7 +44,7 @@ def per_sample_pass(
     ...                       collect=lambda logits, b: {"pred": logits.argmax(1)})  # doctest: +SKIP
     >>> out["pred"].shape == (info.num_samples,)  # doctest: +SKIP
     """
-    device = device or run_device()
+    device = device or dist.compute_device()
     loader = exact_loader(info, transform=transform, batch_size=batch_size, rank=dist.rank(),
                           world_size=dist.world_size(), num_workers=num_workers)
     chunks: Dict[str, list] = {}

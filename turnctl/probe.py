@@ -10,8 +10,8 @@ GPU):
 
 * the features are moved to the device once and stay in their dtype (fp16 halves the memory);
   each batch is an ``index_select`` of a resident tensor, cast to float32 there;
-* no Python per sample and no host sync per step: the learning-rate schedule is a device tensor
-  indexed by a device step counter, the loss is summed on the device and read once per epoch;
+* no Python per sample and no host sync per step: the learning-rate schedule
+  (turnctl/schedule.py) is a device tensor indexed by a device step counter, the loss is summed on the device and read once per epoch;
 * the optimizer update is written out (the same arithmetic as ``torch.optim.SGD``/``AdamW``,
   checked against them in the tests) so that on CUDA one whole step - gather, forward, loss,
   backward, update - is captured once as a CUDA graph and replayed: one launch per step instead
@@ -43,9 +43,12 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from turnctl import distributed as dist
+from turnctl import metrics
 from turnctl.errors import DataError
 from turnctl.losses import ELRTargets, gce_loss
 from turnctl.recipe import LossSection, ProbeSection
+from turnctl.schedule import lr_schedule
 
 log = logging.getLogger("turnctl")
 
@@ -73,16 +76,9 @@ class ProbeResult:
     cuda_graph: bool = False
 
 
-def _pick_device(device: Union[None, str, torch.device]) -> torch.device:
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def _resident(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """Move once, keeping half precision (half the memory) but nothing exotic."""
+def resident(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Move once, keeping half precision (half the memory) but nothing exotic; batches are cast to
+    float32 when used."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         x = x.float()
     return x.to(dev).contiguous()
@@ -97,22 +93,6 @@ def _check_inputs(features: torch.Tensor, labels: torch.Tensor, num_classes: int
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             raise DataError(f"{what}: labels must lie in [0, {num_classes}), found {lo}..{hi}")
-
-
-def lr_schedule(lr: float, total_steps: int, schedule: str) -> torch.Tensor:
-    """Per-step learning rates: constant, or cosine from ``lr`` towards 0 over ``total_steps``.
-
-    >>> lr_schedule(1.0, 4, "cosine").tolist()
-    [1.0, 0.8535534143447876, 0.5, 0.1464466154575348]
-    """
-    t = torch.arange(max(total_steps, 1), dtype=torch.float64)
-    if schedule == "constant":
-        out = torch.full_like(t, lr)
-    elif schedule == "cosine":
-        out = lr * 0.5 * (1.0 + torch.cos(math.pi * t / max(total_steps, 1)))
-    else:
-        raise ValueError(f"schedule must be constant or cosine, got {schedule!r}")
-    return out.to(torch.float32)
 
 
 def init_head(dim: int, num_classes: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -224,11 +204,8 @@ class _GraphStep:
 
 
 def _accuracy_on(W, b, X, Y) -> float:
-    correct = torch.zeros((), dtype=torch.long, device=X.device)
-    for s in range(0, X.shape[0], EVAL_CHUNK):
-        logits = torch.addmm(b, X[s:s + EVAL_CHUNK].float(), W.t())
-        correct += (logits.argmax(1) == Y[s:s + EVAL_CHUNK]).sum()
-    return float(correct) / max(X.shape[0], 1)
+    pred = [torch.addmm(b, X[s:s + EVAL_CHUNK].float(), W.t()).argmax(1) for s in range(0, X.shape[0], EVAL_CHUNK)]
+    return metrics.accuracy(torch.cat(pred) if pred else Y, Y, empty=0.0)
 
 
 def train_linear_probe(
@@ -255,7 +232,7 @@ def train_linear_probe(
             lambda).
         seed: seeds the head initialisation and the per-epoch permutations (one CPU generator,
             so the sample order is the same on any device).
-        device: ``None``/"auto" = the current CUDA device when there is one, else CPU.
+        device: ``None``/"auto" = this rank's GPU when there is one, else CPU (``distributed.compute_device``).
         idx: ``[N]`` the samples' dataset idx; ELR targets are keyed by it (default ``arange(N)``).
         eval_sets: ``{name: (features, labels)}`` evaluated after every epoch as ``<name>_acc``.
         cuda_graph: capture the step as a CUDA graph (default: on CUDA). Falls back to eager
@@ -267,7 +244,7 @@ def train_linear_probe(
     _check_inputs(features, labels, num_classes, "linear probe")
     if idx is not None and (idx.dim() != 1 or idx.shape[0] != features.shape[0]):
         raise DataError(f"linear probe: idx must be [N] = [{features.shape[0]}], got {tuple(idx.shape)}")
-    dev = _pick_device(device)
+    dev = dist.compute_device(device)
     n, dim = features.shape
     B = min(probe.batch_size, max(n, 1))
     steps_per_epoch = math.ceil(n / B) if n else 0
@@ -275,12 +252,12 @@ def train_linear_probe(
 
     gen = torch.Generator().manual_seed(int(seed))
     w0, b0 = init_head(dim, num_classes, gen)
-    X, Y = _resident(features, dev), labels.to(dev, torch.long)
+    X, Y = resident(features, dev), labels.to(dev, torch.long)
     keys = idx.to(dev, torch.long) if idx is not None else None
     evals = {}
     for name, (fe, la) in (eval_sets or {}).items():
         _check_inputs(fe, la, num_classes, f"eval set '{name}'")
-        evals[name] = (_resident(fe, dev), la.to(dev, torch.long))
+        evals[name] = (resident(fe, dev), la.to(dev, torch.long))
 
     trainer = _Trainer(X, Y, keys, num_classes=num_classes, probe=probe, losses=losses,
                        w0=w0, b0=b0, total_steps=total)

@@ -10,6 +10,9 @@
                 ``finetune.baseline_epochs`` epochs; ELR's targets are kept identical on every rank
                 (turnctl.methods.fft_losses) and checkpointed with the engine
 
+Which of these steps a method runs, and what trains its step 1, is its entry in
+turnctl/methods/registry.py; :func:`train_step1` is the dispatch.
+
 Every function here is collective (all ranks call it in the same order). Work done by rank 0 alone
 (the linear probe, the GMM) is followed by a broadcast, which doubles as the barrier, under the
 process-group timeout from the recipe.
@@ -33,16 +36,12 @@ from turnctl import distributed as dist
 from turnctl.errors import DataError, RecipeError, TurnctlError
 from turnctl.holdout import read_given_labels, stratified_holdout
 from turnctl.logger import log
-from turnctl.methods import FEATURE_METHODS  # lp-dividemix, lp-unicon, nmtune: on cached features, rank 0
+from turnctl.methods.registry import METHODS  # name -> steps, step-1 trainer, fixed losses
+from turnctl.metrics import accuracy_report, selection_quality
 from turnctl.preempt import Preempted, StopRequest
 from turnctl.recipe import Recipe
 from turnctl.rundir import RunDir, atomic_savez
-from turnctl.shards import SplitInfo, open_split
-
-LP_METHODS = {"lp-ce": "ce", "lp-gce": "gce", "lp-elr": "elr"}
-FFT_METHODS = {"fft-ce": "ce", "fft-gce": "gce", "fft-elr": "elr"}
-TURN_METHODS = {"turn": "probe", "turn-nmtune": "nmtune"}  # TURN variant -> its step 1
-SUPPORTED = {*TURN_METHODS, *LP_METHODS, *FEATURE_METHODS, *FFT_METHODS}
+from turnctl.data import SplitInfo, open_split
 
 
 def open_splits(recipe: Recipe) -> Dict[str, SplitInfo]:
@@ -68,20 +67,6 @@ def model_identity(recipe: Recipe) -> Dict[str, Any]:
     return {"family": m.family, "name_or_path": m.name_or_path, "revision": m.revision, "config": m.config,
             "image_size": m.image_size, "pooling": m.pooling,
             "seed": recipe.seed if m.name_or_path is None and m.config is not None else None}
-
-
-def selection_quality(mask: np.ndarray, given: np.ndarray, clean: np.ndarray, ok: np.ndarray) -> Dict[str, Any]:
-    """Precision (purity), recall of a kept set against the true labels, when they are known."""
-    known = (clean >= 0) & ok
-    if not known.any():
-        return {}
-    truly_clean = (given == clean) & known
-    kept = mask & known
-    tp = int((kept & truly_clean).sum())
-    # A ratio with nothing known to count is unknown (None), not 0.
-    return {"purity": tp / int(kept.sum()) if kept.any() else None,
-            "recall": tp / int(truly_clean.sum()) if truly_clean.any() else None,
-            "noise_rate": 1.0 - float(truly_clean.sum()) / int(known.sum())}
 
 
 def protocol_figures(rows, *, val_key: str, test_key: str) -> Dict[str, Any]:
@@ -144,15 +129,16 @@ def _seed_epoch(recipe: Recipe, epoch: int) -> int:
 def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optional[int] = None) -> Dict[str, Any]:
     """Run ``recipe.method`` end to end (collective). ``stop_after=E`` stops cleanly once fine-tuning
     epoch E is checkpointed (time-limited jobs: continue later with ``resume=True``)."""
-    if recipe.method not in SUPPORTED:
-        raise TurnctlError(f"method '{recipe.method}' is not available yet; available: {', '.join(sorted(SUPPORTED))}")
+    spec = METHODS.get(recipe.method)  # validated with the recipe; re-read in case the registry changed since
+    if spec is None:
+        raise TurnctlError(f"method '{recipe.method}' is not available; available: {', '.join(METHODS)}")
     t_start = time.time()
     dist.init_distributed(recipe.deepspeed.timeout_minutes)
     splits = open_splits(recipe)  # bad shards fail here, before a run directory is created
     run = RunDir.open(recipe, resume=resume)
     # Exports replace best/ and final/: a link or a foreign folder there is refused now, not after
     # the first epoch of training.
-    from turnctl.backbones import check_replaceable
+    from turnctl.models import check_replaceable
 
     dist.run_on_main(lambda: [check_replaceable(p) for p in (run.best, run.final)], what="checking best/ and final/")
     holdout = _validation_holdout(recipe, splits, run)
@@ -163,14 +149,14 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     train = splits["train"]
     num_classes = train.num_classes
     method = recipe.method
-    needs_lp = method in TURN_METHODS or method in LP_METHODS or method in FEATURE_METHODS
-    needs_fft = method in TURN_METHODS or method in FFT_METHODS
-    fft_epochs = recipe.finetune.epochs if method in TURN_METHODS else recipe.finetune.baseline_epochs
+    needs_lp, needs_fft = "probe" in spec.steps, "finetune" in spec.steps
+    # After a probe (TURN) fine-tuning runs TURN's E_FFT epochs; from a random head, the baselines'.
+    fft_epochs = recipe.finetune.epochs if needs_lp else recipe.finetune.baseline_epochs
 
-    from turnctl.backbones import load_backbone
+    from turnctl.models import load_backbone
     from turnctl.transforms import eval_transform, train_transform
 
-    ds_config = recipe.deepspeed_config(dist.world_size(), "cuda" if torch.cuda.is_available() else "cpu")
+    ds_config = recipe.deepspeed_config(dist.world_size(), dist.compute_device().type)
     # The same seed on every rank while the model is built: a randomly initialised backbone or head
     # must be identical everywhere (the LP baselines extract features without DeepSpeed's broadcast).
     dist.set_seed(recipe.seed, per_rank=False)
@@ -189,7 +175,7 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         from turnctl.methods.fft_losses import fft_loss_hook
 
         tuner = FineTuner(backbone, recipe)
-        loss_fn, elr = fft_loss_hook(FFT_METHODS.get(method, recipe.finetune.loss), losses=recipe.losses,
+        loss_fn, elr = fft_loss_hook(spec.finetune_loss or recipe.finetune.loss, losses=recipe.losses,
                                      num_samples=train.num_samples, num_classes=num_classes)
     start_epoch, best = 0, {"score": -1.0, "epoch": None, "test_accuracy": None}
     # The samples fine-tuning may train on: all of train but the validation hold-out.
@@ -217,10 +203,7 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
 
     if needs_lp and start_epoch == 0:
         run.reset_history([])
-        probe_out = _linear_probe(recipe, run, backbone, tuner, splits, eval_tf,
-                                  loss=LP_METHODS.get(method, recipe.probe.loss),
-                                  step1=TURN_METHODS.get(method, method), holdout=holdout,
-                                  as_turn_step1=method in TURN_METHODS)
+        probe_out = _linear_probe(recipe, run, backbone, tuner, splits, eval_tf, holdout=holdout)
         result["feature_cache"] = probe_out["feature_cache"]
         result.update(probe_out["summary"])
         if tuner is None:  # an LP baseline: the probe is the result
@@ -233,7 +216,7 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
             dist.set_seed(_seed_epoch(recipe, epoch))
             keep_idx, sel_stats = None, {}
             resume_here = midway if epoch == start_epoch else {}
-            if method in TURN_METHODS:
+            if "cleanse" in spec.steps:
                 if resume_here:  # this epoch's subset was drawn before the interruption: reuse it
                     keep_idx, sel_stats = _saved_selection(run, epoch), resume_here["selection"]
                 else:
@@ -320,19 +303,18 @@ def _saved_selection(run: RunDir, epoch: int) -> np.ndarray:
     return dist.run_on_main(read, what=f"reading the selection of epoch {epoch}")
 
 
-def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf, *, loss: str,
-                  step1: str = "probe", holdout: Optional[np.ndarray] = None,
-                  as_turn_step1: bool = False) -> Dict[str, Any]:
+def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf, *,
+                  holdout: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """Extract (or load) features on all ranks, train the head on rank 0, broadcast it.
 
-    ``step1`` picks the trainer: the linear probe with ``loss`` (LP baselines, TURN), or one of
-    ``FEATURE_METHODS`` (turnctl.methods), whose extra state is saved as ``method_state.pt``.
-    Every trainer gets the same treatment (docs/PROTOCOL.md): the held-out train samples are its
-    validation set and never trained on, the features are standardised (``probe.standardize``; the
-    map is folded back into the head) and ``probe.lr_search`` picks its learning rate on
-    validation accuracy."""
+    The method's registry entry picks the trainer (:func:`train_step1`); extra state a trainer
+    returns (both heads, NMTune's model) is saved as ``method_state.pt``. Every trainer gets the
+    same treatment (docs/PROTOCOL.md): the held-out train samples are its validation set and never
+    trained on, the features are standardised (``probe.standardize``; the map is folded back into
+    the head) and ``probe.lr_search`` picks its learning rate on validation accuracy."""
     from turnctl.features import CachePlan, choose_cache_dir, extract_features
 
+    step1 = METHODS[recipe.method].step1  # its name in the logs and method_state.pt
     # Settled before the first forward: an unwritable cache must not cost a whole feature pass.
     plan = CachePlan(None)
     if recipe.features.cache:
@@ -366,8 +348,7 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
                           eval_sets=eval_sets, num_classes=splits["train"].num_classes)
         searched, out = [], None
         for mult in (recipe.probe.lr_search or [1.0]):
-            cand = _train_step1(recipe, step1, loss, x_train, lr_mult=mult, as_turn_step1=as_turn_step1,
-                                **train_args)
+            cand = train_step1(recipe, x_train, lr_mult=mult, **train_args)
             score = _kept_val_accuracy(cand)
             searched.append({"lr_multiplier": mult, "lr": cand["lr"], "val_acc": score})
             if out is None or (score if score is not None else -1.0) > (_kept_val_accuracy(out) or -1.0):
@@ -412,27 +393,22 @@ def _kept_val_accuracy(step1_out: Dict[str, Any]) -> Optional[float]:
     return (hist[kept - 1] if kept else hist[-1]).get("val_acc")
 
 
-def _train_step1(recipe: Recipe, step1: str, loss: str, features: torch.Tensor, *, labels, clean, idx,
-                 eval_sets, num_classes: int, lr_mult: float, as_turn_step1: bool) -> Dict[str, Any]:
-    """One step-1 training run with the method's base learning rate times ``lr_mult`` (rank 0)."""
-    from turnctl.probe import train_linear_probe
+def train_step1(recipe: Recipe, features: torch.Tensor, *, labels, clean, idx, eval_sets, num_classes: int,
+                lr_mult: float = 1.0) -> Dict[str, Any]:
+    """The dispatch: one step-1 run of ``recipe.method`` by its registry entry's trainer (rank 0).
 
-    if step1 in FEATURE_METHODS:
-        from turnctl.methods import train_on_features
-
-        section = "nmtune" if step1 == "nmtune" else "probe"  # where that method's learning rate lives
-        base = getattr(recipe, section).lr
-        r = recipe.model_copy(deep=True)
-        setattr(r, section, getattr(r, section).model_copy(update={"lr": base * lr_mult}))
-        kwargs = {"as_turn_step1": True} if as_turn_step1 else {}
-        out = train_on_features(step1, features, labels, num_classes=num_classes, recipe=r,
-                                eval_sets=eval_sets, clean=clean, **kwargs)
-        return {**out, "lr": base * lr_mult}
-    probe_cfg = recipe.probe.model_copy(update={"loss": loss, "lr": recipe.probe.lr * lr_mult})
-    res = train_linear_probe(features, labels, num_classes=num_classes, probe=probe_cfg, losses=recipe.losses,
-                             seed=recipe.seed, idx=idx, eval_sets=eval_sets)
-    return {"head_state": res.head_state, "history": res.history, "summary": {}, "state": None,
-            "lr": probe_cfg.lr}
+    The trainer gets a copy of the recipe with the learning rate of the entry's ``lr_section`` times
+    ``lr_mult`` and the ``probe.loss`` the entry fixes; its result comes back with that ``lr``."""
+    spec = METHODS[recipe.method]
+    section = getattr(recipe, spec.lr_section)
+    lr = section.lr * lr_mult
+    r = recipe.model_copy(deep=True)
+    setattr(r, spec.lr_section, section.model_copy(update={"lr": lr}))
+    if spec.probe_loss is not None:
+        r.probe = r.probe.model_copy(update={"loss": spec.probe_loss})
+    out = spec.trainer(r, features, labels, num_classes=num_classes, eval_sets=eval_sets, clean=clean, idx=idx,
+                       as_turn_step1=spec.family == "turn")
+    return {**out, "lr": lr}
 
 
 def _save_torch(path, obj) -> None:
@@ -521,7 +497,6 @@ def _evaluate(tuner, splits, eval_tf, recipe: Recipe, num_classes: int, holdout:
     evals = _evaluate_splits(tuner, splits, eval_tf, recipe, num_classes)
     if holdout is None:
         return evals, None
-    from turnctl.finetune import accuracy_report
 
     out = tuner.per_sample_losses(splits["train"], transform=eval_tf, batch_size=recipe.finetune.eval_batch_size,
                                   num_workers=recipe.data.num_workers)
@@ -532,8 +507,6 @@ def _evaluate(tuner, splits, eval_tf, recipe: Recipe, num_classes: int, holdout:
 
 
 def _evaluate_splits(tuner, splits, eval_tf, recipe: Recipe, num_classes: int) -> Dict[str, Any]:
-    from turnctl.finetune import accuracy_report
-
     evals: Dict[str, Any] = {}
     for role in ("val", "test"):
         if role not in splits:

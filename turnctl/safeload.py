@@ -14,9 +14,9 @@ DeepSpeed checkpoints           :func:`guard_deepspeed_engine` / :func:`safe_zer
                                 ``torch.load(weights_only=True)`` + :func:`deepspeed_checkpoint_globals`
 ELR targets, ``.pth`` weights   :func:`torch_load` (``weights_only=True``, nothing extra allowed)
 exports, heads, feature cache   safetensors (:func:`load_safetensors`; exports must hold
-                                ``model.safetensors``, see ``backbones.load_exported``)
-selections (``.npz``)           ``np.load(allow_pickle=False)`` (``report.py``)
-shard members                   only image bytes and ASCII integers are read (``shards.py``)
+                                ``model.safetensors``, see ``models.load_exported``)
+selections (``.npz``)           ``np.load(allow_pickle=False)`` (``report/selection.py``)
+shard members                   only image bytes and ASCII integers are read (``data/``)
 ==============================  ================================================================
 
 A refused file is a one-line :class:`~turnctl.errors.TurnctlError` naming it::

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from turnctl.distributed import gather_by_idx  # noqa: E402
-from turnctl.shards import ToTensorResize, exact_loader, open_split, train_loader  # noqa: E402
+from turnctl.data import ToTensorResize, exact_loader, open_split, train_loader  # noqa: E402
 
 
 def main() -> None:

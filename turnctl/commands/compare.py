@@ -12,10 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from turnctl.commands.common import emit_json
-from turnctl.commands.train import resolve
+from turnctl.commands.train import methods_help, resolve
 from turnctl.distributed import env_world_size, init_distributed, is_main
 from turnctl.logger import result_console
-from turnctl.recipe import METHODS
 
 
 def _pct(ms) -> str:
@@ -24,12 +23,12 @@ def _pct(ms) -> str:
     return f"{100 * ms['mean']:.2f}" + (f" ± {100 * ms['std']:.2f}" if ms["std"] else "")
 
 
-@click.command("compare")
+@click.command("compare", epilog=methods_help())
 @click.option("--recipe", "recipe_name", required=True, metavar="NAME|PATH")
 @click.option("--shards", type=click.Path(file_okay=False), default=None)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Directory for the runs and compare.json; default runs/compare-<recipe>-<timestamp>.")
-@click.option("--methods", required=True, help="Comma-separated, e.g. turn,lp-gce,fft-ce.")
+@click.option("--methods", required=True, help="Comma-separated, e.g. turn,lp-gce,fft-ce (listed below).")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @click.option("--json", "as_json", is_flag=True)
@@ -42,15 +41,13 @@ def command(recipe_name: str, shards: Optional[str], out: Optional[str], methods
     Example:
       deepspeed --module turnctl compare --recipe demo --methods turn,lp-ce,fft-ce --seeds 0,1,2
     """
-    from turnctl.compare import compare_methods
+    from turnctl.compare import check_methods, compare_methods
     from turnctl.errors import RecipeError
 
     r = resolve(recipe_name, shards, None, None, overrides)
     r.deepspeed_config(env_world_size())
-    method_list = _listed("--methods", methods, str)
-    unknown = [m for m in method_list if m not in METHODS]
-    if unknown:  # before --out is created
-        raise RecipeError(f"--methods: unknown method '{unknown[0]}' (choose from {', '.join(METHODS)})")
+    methods_asked = _listed("--methods", methods, str)
+    check_methods(methods_asked)  # before --out is created
     seed_list = _listed("--seeds", seeds, int)
     if any(s < 0 for s in seed_list):
         raise RecipeError(f"--seeds '{seeds}': seeds are integers >= 0")
@@ -64,7 +61,7 @@ def command(recipe_name: str, shards: Optional[str], out: Optional[str], methods
     if decision["problem"]:
         raise RecipeError(decision["problem"])
     out_dir = decision["out"]
-    result = compare_methods(r, methods=method_list, seeds=seed_list, out=Path(out_dir))
+    result = compare_methods(r, methods=methods_asked, seeds=seed_list, out=Path(out_dir))
     if not is_main() or result is None:
         return
     table = Table(title=f"{escape(r.name)} on {escape(r.data.shards)}: test accuracy (%)",
@@ -72,7 +69,7 @@ def command(recipe_name: str, shards: Optional[str], out: Optional[str], methods
                           "epoch (the papers' 'best'), optimistic because it is chosen on test")
     for col in ("method", "best (val)", "last", "max*", "wall time (s)", "vs FFT-CE"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    for m in method_list:
+    for m in methods_asked:
         row = result["table"][m]
         rel = row["wall_time_vs_fft_ce"]
         table.add_row(escape(m), _pct(row["best"]), _pct(row["last"]), _pct(row["max_over_epochs"]),

@@ -102,7 +102,7 @@ def command(run_dir: str, epoch: Optional[int], top: int, plot: bool, shards: Op
     Writes RUN_DIR/report/label_issues.csv (one row per training sample, most likely mislabelled
     first; cleanlab's columns given_label, predicted_label, label_score = p(clean),
     is_label_issue = not kept by the GMM) and RUN_DIR/report/per_class.csv (size, kept, flagged,
-    estimated noise rate, mixture parameters), and prints a summary. Definitions: turnctl/report.py.
+    estimated noise rate, mixture parameters), and prints a summary. Definitions: turnctl/report/__init__.py.
 
     \b
     Examples:

@@ -14,7 +14,8 @@ from turnctl.distributed import (
 )
 from turnctl.errors import DistributedError, RecipeError
 from turnctl.logger import log, result_console
-from turnctl.recipe import METHODS, Recipe, load_recipe
+from turnctl.methods.registry import METHODS
+from turnctl.recipe import Recipe, load_recipe
 
 
 def resolve(recipe: str, shards: Optional[str], out: Optional[str], method: Optional[str],
@@ -46,14 +47,22 @@ def agree_on_recipe(r: Recipe) -> list:
     return everyone
 
 
-@click.command("train")
+def methods_help() -> str:
+    """The methods and what each does, one line each, from the registry (kept as written by click)."""
+    width = max(map(len, METHODS))
+    return "\b\nMethods:\n" + "\n".join(
+        f"  {name:<{width}}  {spec.help}" for name, spec in METHODS.items())
+
+
+@click.command("train", epilog=methods_help())
 @click.option("--recipe", "recipe_name", required=True, metavar="NAME|PATH",
               help="A recipe name (recipes/NAME.yaml) or a YAML path.")
 @click.option("--shards", type=click.Path(file_okay=False), default=None,
               help="Prepared dataset directory; overrides data.shards.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory; default runs/<recipe>-<timestamp>.")
-@click.option("--method", type=click.Choice(METHODS), default=None, help="Overrides the recipe's method.")
+@click.option("--method", type=click.Choice(list(METHODS)), default=None,
+              help="Overrides the recipe's method (listed below).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Typed override, e.g. --set finetune.lr=1e-4 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete checkpoint.")

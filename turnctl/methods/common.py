@@ -1,4 +1,5 @@
-"""Pieces shared by the methods that train on cached (frozen) features: DivideMix-LP, UNICON-LP.
+"""Pieces shared by the methods that train on cached (frozen) features: DivideMix-LP, UNICON-LP
+(whose common loop is turnctl/methods/twohead.py) and NMTune.
 
 Everything here is local to one process (the runner calls the methods on rank 0, like the linear
 probe, and broadcasts the resulting head).
@@ -25,21 +26,15 @@ set of views; feature-space views are fresh every step and cost nothing.
 
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from turnctl.errors import DataError
-from turnctl.probe import init_head
-
-EVAL_CHUNK = 65536
-
-log = logging.getLogger("turnctl")
+from turnctl.probe import EVAL_CHUNK, init_head, resident
 
 
 class FeatureViews:
@@ -262,97 +257,9 @@ class Head:
         return {"weight": self.W.detach().float().cpu().clone(), "bias": self.b.detach().float().cpu().clone()}
 
 
-def mean_head(heads: Iterable[Head]) -> Dict[str, torch.Tensor]:
-    """One ``nn.Linear`` state equal to the mean of the heads' logits.
-
-    DivideMix and UNICON predict with the sum of their two networks' outputs; for linear heads that
-    sum is itself a linear head, so the averaged head predicts exactly what the pair predicts.
-    """
-    states = [h.state() for h in heads]
-    return {k: torch.stack([s[k] for s in states]).mean(0) for k in ("weight", "bias")}
-
-
-def cosine_lr(base: float, schedule: str, progress: float) -> float:
-    """Constant, or cosine from ``base`` to 0 over training progress in [0, 1].
-
-    Progress, not a step count: after warm-up the epochs of DivideMix and UNICON have data-dependent
-    lengths (the labeled set), so the total number of steps is not known in advance.
-
-    >>> round(cosine_lr(1.0, "cosine", 0.5), 6), cosine_lr(1.0, "constant", 0.5)
-    (0.5, 1.0)
-    """
-    if schedule == "constant":
-        return base
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-
-
-@torch.no_grad()
-def logits_of(heads: List[Head], X: torch.Tensor) -> torch.Tensor:
-    """Mean logits of ``heads`` on ``X`` (chunked; float32, on X's device)."""
-    out = []
-    for s in range(0, X.shape[0], EVAL_CHUNK):
-        x = X[s:s + EVAL_CHUNK].float()
-        out.append(sum(h(x) for h in heads) / len(heads))
-    return torch.cat(out) if out else torch.empty(0, heads[0].W.shape[0], device=X.device)
-
-
-@torch.no_grad()
-def accuracy_of(heads: List[Head], X: torch.Tensor, Y: torch.Tensor) -> float:
-    if X.shape[0] == 0:
-        return float("nan")
-    return float((logits_of(heads, X).argmax(1) == Y).float().mean())
-
-
-def resident(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """Move once, keeping half precision (memory); batches are cast to float32 when used."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        x = x.float()
-    return x.to(dev).contiguous()
-
-
-def pick_device(device: Any) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
-
-
 def prepare_eval_sets(eval_sets: Optional[Mapping[str, Tuple[torch.Tensor, torch.Tensor]]],
                       dev: torch.device) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     return {name: (resident(f, dev), y.to(dev, torch.long)) for name, (f, y) in (eval_sets or {}).items()}
-
-
-def selection_stats(selected: torch.Tensor, labels: torch.Tensor, clean: Optional[torch.Tensor],
-                    prefix: str) -> Dict[str, Any]:
-    """Size of a selected (labeled) set and, when the true labels are known, its purity."""
-    sel = selected.bool().cpu()
-    out: Dict[str, Any] = {f"{prefix}labeled": int(sel.sum())}
-    if clean is not None:
-        known = clean.cpu() >= 0
-        if bool(known.any()):
-            ok = (labels.cpu() == clean.cpu()) & known
-            k = sel & known
-            out[f"{prefix}labeled_purity"] = float(ok[k].float().mean()) if bool(k.any()) else None
-    return out
-
-
-
-@dataclass
-class HeadPairResult:
-    """What :func:`~turnctl.methods.dividemix.train_dividemix` and
-    :func:`~turnctl.methods.unicon.train_unicon` return (shaped like the probe's ``ProbeResult``).
-
-    ``head_state``: one ``nn.Linear(D, C)`` state dict (float32, CPU), the mean of the two heads,
-    which predicts exactly what the pair predicts (see :func:`mean_head`); it goes into the
-    Backbone's ``head``. ``heads``: the two heads' states. ``history``: one dict per epoch with
-    ``phase`` ("lp"), ``epoch`` (1-based), ``stage`` ("warmup" or "ssl"), ``train_loss``, ``lr``,
-    ``<name>_acc`` per eval set (the pair's accuracy), ``wall_s`` and method-specific selection
-    statistics. ``state``: per-sample arrays of the last selection (numpy), for reports.
-    """
-
-    head_state: Dict[str, torch.Tensor]
-    heads: List[Dict[str, torch.Tensor]]
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    state: Dict[str, Any] = field(default_factory=dict)
 
 
 def warmup_epoch(head: Head, X: torch.Tensor, Y: torch.Tensor, *, batch_size: int, generator: torch.Generator,
@@ -376,32 +283,6 @@ def warmup_epoch(head: Head, X: torch.Tensor, Y: torch.Tensor, *, batch_size: in
     return total / max(n, 1)
 
 
-def cycle_batches(idx: torch.Tensor, batch_size: int, generator: torch.Generator, *, drop_last: bool = False):
-    """Endless batches of ``idx``, reshuffled at every pass (an unlabeled loader that restarts).
-
-    ``drop_last``: skip each pass's short last batch (UNICON's loaders); needs ``batch_size <= len(idx)``.
-
-    >>> g = torch.Generator().manual_seed(0)
-    >>> it = cycle_batches(torch.arange(5), 2, g, drop_last=True)
-    >>> [len(next(it)) for _ in range(4)]
-    [2, 2, 2, 2]
-    """
-    if drop_last and not 0 < batch_size <= idx.numel():
-        raise ValueError(f"drop_last needs 0 < batch_size <= {idx.numel()}, got {batch_size}")
-    while True:
-        perm = idx[torch.randperm(idx.numel(), generator=generator).to(idx.device)]
-        stop = perm.numel() - perm.numel() % batch_size if drop_last else perm.numel()
-        for s in range(0, stop, batch_size):
-            yield perm[s:s + batch_size]
-
-
-def row_mask(rows: torch.Tensor, n: int) -> torch.Tensor:
-    """A bool mask of length n, True at ``rows``."""
-    m = torch.zeros(n, dtype=torch.bool)
-    m[rows.cpu()] = True
-    return m
-
-
 def check_inputs(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
     """One-line :class:`~turnctl.errors.DataError` for features and labels that cannot be trained on."""
     if features.dim() != 2 or labels.dim() != 1 or labels.shape[0] != features.shape[0]:
@@ -412,11 +293,3 @@ def check_inputs(features: torch.Tensor, labels: torch.Tensor, num_classes: int)
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         raise DataError(f"labels must lie in [0, {num_classes}), found {lo}..{hi}")
-
-
-def log_epoch(name: str, row: Dict[str, Any], epochs: int) -> None:
-    """One log line per epoch of a two-head method (stage, loss, accuracies, labeled-set sizes)."""
-    accs = "  ".join(f"{k[:-4]} {100 * v:.2f}%" for k, v in row.items() if k.endswith("_acc"))
-    extra = "  ".join(f"{k} {v}" for k, v in row.items() if k.endswith("labeled"))
-    log.info("%s epoch %d/%d [%s] loss %.4f  %s  %s  %.1fs", name, row["epoch"], epochs, row["stage"],
-             row["train_loss"], accs, extra, row["wall_s"])

@@ -39,49 +39,24 @@ Where this differs from the original, and why:
   gives ``Lu = 0``;
 * the GMM starts from a deterministic 2-means, not scikit-learn's random k-means start.
 
->>> import torch
->>> from turnctl.recipe import DivideMixSection, ProbeSection
->>> g = torch.Generator().manual_seed(0)
->>> y = torch.arange(120) % 3
->>> x = torch.randn(120, 6, generator=g) + 4 * torch.nn.functional.one_hot(y, 6).float()
->>> res = train_dividemix(x, y, num_classes=3, seed=0, log_every_epoch=False,
-...                       probe=ProbeSection(epochs=3, optimizer="adamw", lr=0.05, batch_size=32),
-...                       config=DivideMixSection(warmup_epochs=1), eval_sets={"train": (x, y)})
->>> [h["stage"] for h in res.history], res.history[-1]["train_acc"] > 0.9
-(['warmup', 'ssl', 'ssl'], True)
+The loop both methods share, with an example of each, is turnctl/methods/twohead.py.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from turnctl.methods.common import (
-    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, cosine_lr, cycle_batches,
-    linear_rampup, log_epoch, mean_head, mixmatch_batch, mixmatch_terms, pick_device, prepare_eval_sets, ramp_position,
-    resident, row_mask, selection_stats, warmup_epoch,
-)
-from turnctl.recipe import DivideMixSection, ProbeSection
+from turnctl.methods.common import Head, mixmatch_batch, mixmatch_terms, warmup_epoch
+from turnctl.methods.twohead import HeadPairResult, TwoHeadMethod
+from turnctl.metrics import minmax
 
 log = logging.getLogger("turnctl")
-
-
-def minmax(losses: torch.Tensor) -> torch.Tensor:
-    """``(l - min) / (max - min)`` over all samples (0 everywhere when all losses are equal).
-
-    >>> minmax(torch.tensor([1.0, 2.0, 3.0])).tolist()
-    [0.0, 0.5, 1.0]
-    """
-    lo, hi = losses.min(), losses.max()
-    span = hi - lo
-    return (losses - lo) / span if float(span) > 0 else torch.zeros_like(losses)
 
 
 def clean_posterior(norm_losses: torch.Tensor, *, max_iter: int = 10, tol: float = 1e-2,
@@ -182,114 +157,49 @@ def mixmatch_step(net: Head, other: Head, x1: torch.Tensor, x2: torch.Tensor, y_
     return loss, {"lx": float(lx.detach()), "lu": float(lu.detach()), "penalty": float(penalty.detach())}
 
 
-def train_dividemix(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    num_classes: int,
-    probe: ProbeSection,
-    config: DivideMixSection,
-    seed: int,
-    device: Union[None, str, torch.device] = None,
-    eval_sets: Optional[Mapping[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
-    clean: Optional[torch.Tensor] = None,
-    log_every_epoch: bool = True,
-) -> HeadPairResult:
-    """Train DivideMix's two linear heads on frozen features; see the module docstring.
+class DivideMix(TwoHeadMethod):
+    """DivideMix's parts of the two-head loop: per epoch, the GMM co-division of both heads'
+    windowed, min-max normalised losses (before either head trains); two weak views per sample;
+    :func:`mixmatch_step` with the section's MixMatch parameters."""
 
-    Args:
-        features: ``[N, D]`` train features (any float dtype; kept resident, cast per batch).
-        labels: ``[N]`` given labels in ``[0, num_classes)``.
-        probe: epochs, optimizer, lr, weight decay, momentum, batch size, schedule of the heads.
-        config: the recipe's ``dividemix`` section.
-        seed: seeds both heads' initialisation, the views, the permutations and mixup.
-        eval_sets: ``{name: (features, labels)}`` evaluated after every epoch as ``<name>_acc``.
-        clean: ``[N]`` true labels (-1 unknown), only for the labeled-set purity in the history.
+    name, divides = "dividemix", "co-division"
 
-    Returns a :class:`~turnctl.methods.common.HeadPairResult`.
-    """
-    check_inputs(features, labels, num_classes)
-    dev = pick_device(device)
-    X, Y = resident(features, dev), labels.to(dev, torch.long)
-    n, dim = X.shape
-    B = min(probe.batch_size, max(n, 1))
-    Bw = min(B * config.warmup_batch_factor, n)  # DivideMix's warm-up loaders use 2x the batch
-    evals = prepare_eval_sets(eval_sets, dev)
-    gen = torch.Generator().manual_seed(int(seed))
-    rng = np.random.default_rng(int(seed))
-    views = FeatureViews(features, dropout=config.view_dropout, noise=config.view_noise)
-    heads = [Head(dim, num_classes, seed=int(seed) + k, optimizer=probe.optimizer, lr=probe.lr,
-                  weight_decay=probe.weight_decay, momentum=probe.momentum, device=dev) for k in (0, 1)]
-    onehot = F.one_hot(Y, num_classes).float()
-    E = probe.epochs
-    history: List[Dict[str, Any]] = []
-    windows: List[List[torch.Tensor]] = [[], []]
-    state: Dict[str, Any] = {}
-    if config.warmup_epochs >= E > 0:
-        log.warning("dividemix: warmup_epochs=%d >= probe.epochs=%d: only CE warm-up, no co-division",
-                    config.warmup_epochs, E)
-    for epoch in range(E):
-        t0 = time.perf_counter()
-        row: Dict[str, Any] = {"phase": "lp", "epoch": epoch + 1}
-        lr_at = (lambda frac, e=epoch: cosine_lr(probe.lr, probe.schedule, (e + frac) / E))
-        if epoch < config.warmup_epochs:
-            losses = [warmup_epoch(h, X, Y, batch_size=Bw, generator=gen, lr_at=lr_at, penalty=config.warmup_penalty)
-                      for h in heads]
-            row.update(stage="warmup", train_loss=float(np.mean(losses)))
-        else:
-            norm = []
-            for k, h in enumerate(heads):
-                windows[k] = (windows[k] + [minmax(per_sample_losses(h, X, Y))])[-config.loss_window:]
-                norm.append(torch.stack(windows[k]).mean(0))
-            divisions = co_divide(norm, p_threshold=config.p_threshold, max_iter=config.gmm_max_iter,
-                                  tol=config.gmm_tol, reg_covar=config.gmm_reg_covar, fallback_k=B)
-            total, count = 0.0, 0
-            for k, (net, other) in enumerate(((heads[0], heads[1]), (heads[1], heads[0]))):
-                d = divisions[k]
-                if d.fallback:
-                    log.warning("dividemix epoch %d: no sample passed p_threshold %.2f for head %d; using "
-                                "the %d highest clean posteriors", epoch + 1, config.p_threshold, k, d.labeled.numel())
-                row.update(selection_stats(row_mask(d.labeled, n), labels, clean, f"head{k}_"))
-                l, c = _ssl_epoch(net, other, X, onehot, d, views=views, config=config, batch_size=B,
-                                  epoch=epoch, rng=rng, generator=gen, lr_at=lr_at)
-                total, count = total + l, count + c
-            row.update(stage="ssl", train_loss=total / max(count, 1))
-            state = {"clean_prob_head0": divisions[1].prob.numpy(), "clean_prob_head1": divisions[0].prob.numpy()}
-        row["lr"] = lr_at(1.0)
-        for name, (fe, la) in evals.items():
-            row[f"{name}_acc"] = accuracy_of(heads, fe, la)
-        row["wall_s"] = time.perf_counter() - t0
-        history.append(row)
-        if log_every_epoch:
-            log_epoch("dividemix", row, E)
-    return HeadPairResult(head_state=mean_head(heads), heads=[h.state() for h in heads], history=history,
-                          state=state)
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.windows: List[List[torch.Tensor]] = [[], []]  # each head's last loss_window normalised losses
+        self.divisions: List[Division] = []
+
+    def warm_up(self, head: Head, lr_at) -> float:
+        return warmup_epoch(head, self.X, self.Y, batch_size=self.warmup_batch, generator=self.gen, lr_at=lr_at,
+                            penalty=self.config.warmup_penalty)
+
+    def begin_epoch(self, epoch: int) -> None:
+        cfg, norm = self.config, []
+        for k, h in enumerate(self.heads):
+            self.windows[k] = (self.windows[k] + [minmax(per_sample_losses(h, self.X, self.Y))])[-cfg.loss_window:]
+            norm.append(torch.stack(self.windows[k]).mean(0))
+        self.divisions = co_divide(norm, p_threshold=cfg.p_threshold, max_iter=cfg.gmm_max_iter, tol=cfg.gmm_tol,
+                                   reg_covar=cfg.gmm_reg_covar, fallback_k=self.batch_size)
+        self.state = {"clean_prob_head0": self.divisions[1].prob.numpy(),
+                      "clean_prob_head1": self.divisions[0].prob.numpy()}
+
+    def split(self, k: int, epoch: int, row: Dict[str, Any]) -> Tuple[Division, int]:
+        d = self.divisions[k]
+        if d.fallback:
+            log.warning("dividemix epoch %d: no sample passed p_threshold %.2f for head %d; using the %d highest "
+                        "clean posteriors", epoch + 1, self.config.p_threshold, k, d.labeled.numel())
+        return d, (self.batch_size if d.unlabeled.numel() else 0)
+
+    def batch_loss(self, net: Head, other: Head, xv: List[torch.Tensor], y_onehot: torch.Tensor, w: torch.Tensor,
+                   uv: List[torch.Tensor], lambda_u: float) -> torch.Tensor:
+        cfg = self.config
+        loss, _ = mixmatch_step(net, other, *xv, y_onehot, w, *uv, temperature=cfg.temperature, alpha=cfg.alpha,
+                                lambda_u=lambda_u, rng=self.rng, generator=self.gen, rows=cfg.mixmatch_rows)
+        return loss
 
 
-def _ssl_epoch(net: Head, other: Head, X, onehot, d: Division, *, views: FeatureViews, config: DivideMixSection,
-               batch_size: int, epoch: int, rng, generator, lr_at) -> Tuple[float, int]:
-    """One pass over ``net``'s labeled set (unlabeled batches cycle alongside); (loss sum, samples)."""
-    dev = X.device
-    lab, w = d.labeled.to(dev), d.weights.to(dev)
-    order = torch.randperm(lab.numel(), generator=generator).to(dev)
-    steps = max(1, math.ceil(lab.numel() / batch_size))
-    unl = cycle_batches(d.unlabeled.to(dev), batch_size, generator) if d.unlabeled.numel() else None
-    total = 0.0
-    for k in range(steps):
-        pick = order[k * batch_size:(k + 1) * batch_size]
-        rows = lab.index_select(0, pick)
-        x = X.index_select(0, rows)
-        x1, x2 = views(x, generator=generator), views(x, generator=generator)
-        if unl is not None:
-            u = X.index_select(0, next(unl))
-            u1, u2 = views(u, generator=generator), views(u, generator=generator)
-        else:
-            u1 = u2 = x1[:0]
-        lam_u = linear_rampup(ramp_position(epoch, k, lab.numel(), batch_size), warmup=config.warmup_epochs,
-                              length=config.rampup_epochs, weight=config.lambda_u)
-        loss, _ = mixmatch_step(net, other, x1, x2, onehot.index_select(0, rows), w.index_select(0, pick), u1, u2,
-                                temperature=config.temperature, alpha=config.alpha, lambda_u=lam_u, rng=rng,
-                                generator=generator, rows=config.mixmatch_rows)
-        net.step(loss, lr_at(k / steps))
-        total += float(loss.detach()) * rows.numel()
-    return total, int(lab.numel())
+def train_dividemix(features: torch.Tensor, labels: torch.Tensor, **options: Any) -> HeadPairResult:
+    """Train DivideMix's two linear heads on frozen features (see the module docstring); ``config``
+    is the recipe's ``dividemix`` section, the other options as
+    :meth:`turnctl.methods.twohead.TwoHeadMethod.train`."""
+    return DivideMix.train(features, labels, **options)

@@ -88,10 +88,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from turnctl import distributed as dist
+from turnctl import metrics
 from turnctl.losses import cross_entropy, gce_loss
-from turnctl.methods.common import EVAL_CHUNK, check_inputs, pick_device, prepare_eval_sets, resident
-from turnctl.probe import lr_schedule
+from turnctl.methods.common import check_inputs, prepare_eval_sets
+from turnctl.probe import EVAL_CHUNK, resident
 from turnctl.recipe import NMTuneSection
+from turnctl.schedule import lr_schedule
 
 log = logging.getLogger("turnctl")
 
@@ -268,11 +271,10 @@ def _solve_fold(model: NMTuneModel, G: torch.Tensor, R: torch.Tensor, ridge: flo
 
 
 def _agreement(head: Mapping[str, torch.Tensor], model: NMTuneModel, features: torch.Tensor) -> float:
-    """Fraction of rows where the linear head's top-1 equals the model's."""
+    """Fraction of rows where the linear head's top-1 equals the model's (1 without rows)."""
     if not features.shape[0]:
         return 1.0
-    return float((_linear_logits(head, features).argmax(1).cpu() == predict(model, features).argmax(1).cpu())
-                 .float().mean())
+    return metrics.accuracy(_linear_logits(head, features).argmax(1).cpu(), predict(model, features).argmax(1).cpu())
 
 
 @torch.no_grad()
@@ -426,7 +428,7 @@ def train_nmtune(
     if select not in SELECTIONS:
         raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
     check_inputs(features, labels, num_classes)
-    dev = pick_device(device)
+    dev = dist.compute_device(device)
     X, Y = resident(features, dev), labels.to(dev, torch.long)
     n, dim = X.shape
     B = min(config.batch_size, n)
@@ -452,7 +454,7 @@ def train_nmtune(
         row: Dict[str, Any] = {"phase": "nmtune", "epoch": epoch + 1, **means,
                                "lr": lrs[last_step] if batches else config.lr}
         for name, (fe, la) in evals.items():
-            row[f"{name}_acc"] = float((predict(model, fe).argmax(1) == la).float().mean()) if fe.shape[0] else None
+            row[f"{name}_acc"] = metrics.accuracy(predict(model, fe).argmax(1), la, empty=None)
         row["wall_s"] = time.perf_counter() - t0
         history.append(row)
         kept.offer(model, row)

@@ -49,35 +49,22 @@ Where this differs from the original, and why:
 * the original fills its labeled index array with zeros where the per-class counts do not add up
   to ``int(SR * N)`` (sample 0 repeated in the labeled set); not reproduced.
 
->>> import torch
->>> from turnctl.recipe import ProbeSection, UniconSection
->>> g = torch.Generator().manual_seed(0)
->>> y = torch.arange(120) % 3
->>> x = torch.randn(120, 6, generator=g) + 4 * torch.nn.functional.one_hot(y, 6).float()
->>> res = train_unicon(x, y, num_classes=3, seed=0, log_every_epoch=False,
-...                    probe=ProbeSection(epochs=3, optimizer="adamw", lr=0.05, batch_size=32),
-...                    config=UniconSection(warmup_epochs=1), eval_sets={"train": (x, y)})
->>> [h["stage"] for h in res.history], res.history[-1]["train_acc"] > 0.9
-(['warmup', 'ssl', 'ssl'], True)
+The loop both methods share, with an example of each, is turnctl/methods/twohead.py.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from turnctl.methods.common import (
-    FeatureViews, Head, HeadPairResult, accuracy_of, check_inputs, cosine_lr, cycle_batches,
-    linear_rampup, log_epoch, mean_head, mixmatch_batch, mixmatch_terms, pick_device, prepare_eval_sets, ramp_position,
-    resident, row_mask, selection_stats, warmup_epoch,
-)
-from turnctl.recipe import ProbeSection, UniconSection
+from turnctl.methods.common import Head, mixmatch_batch, mixmatch_terms, warmup_epoch
+from turnctl.methods.twohead import HeadPairResult, TwoHeadMethod
+from turnctl.recipe import UniconSection
 
 log = logging.getLogger("turnctl")
 
@@ -235,111 +222,48 @@ def pair_jsd(heads: List[Head], X: torch.Tensor, Y: torch.Tensor, chunk: int = 6
     return torch.cat(out) if out else torch.empty(0)
 
 
-def train_unicon(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    num_classes: int,
-    probe: ProbeSection,
-    config: UniconSection,
-    seed: int,
-    device: Union[None, str, torch.device] = None,
-    eval_sets: Optional[Mapping[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
-    clean: Optional[torch.Tensor] = None,
-    log_every_epoch: bool = True,
-) -> HeadPairResult:
-    """Train UNICON's two linear heads on frozen features; see the module docstring.
+class Unicon(TwoHeadMethod):
+    """UNICON's parts of the two-head loop: per head, the uniform selection by JSD of the pair's
+    current predictions (recomputed after the first head has trained, as UNICON's loop does); two weak
+    and two strong views per sample; only full batches; :func:`unicon_step` (MixMatch plus the
+    contrastive term)."""
 
-    Arguments as :func:`turnctl.methods.dividemix.train_dividemix`, with ``config`` the recipe's
-    ``unicon`` section. Returns a :class:`~turnctl.methods.common.HeadPairResult`.
-    """
-    check_inputs(features, labels, num_classes)
-    dev = pick_device(device)
-    X, Y = resident(features, dev), labels.to(dev, torch.long)
-    n, dim = X.shape
-    B = min(probe.batch_size, max(n, 1))
-    Bw = min(B * config.warmup_batch_factor, n)  # UNICON's warm-up loaders: 2x (CIFAR), 4x (WebVision)
-    evals = prepare_eval_sets(eval_sets, dev)
-    gen = torch.Generator().manual_seed(int(seed))
-    rng = np.random.default_rng(int(seed))
-    views = FeatureViews(features, dropout=config.view_dropout, noise=config.view_noise)
-    heads = [Head(dim, num_classes, seed=int(seed) + k, optimizer=probe.optimizer, lr=probe.lr,
-                  weight_decay=probe.weight_decay, momentum=probe.momentum, device=dev) for k in (0, 1)]
-    onehot = F.one_hot(Y, num_classes).float()
-    E = probe.epochs
-    history: List[Dict[str, Any]] = []
-    state: Dict[str, Any] = {}
-    if config.warmup_epochs >= E > 0:
-        log.warning("unicon: warmup_epochs=%d >= probe.epochs=%d: only CE warm-up, no selection",
-                    config.warmup_epochs, E)
-    for epoch in range(E):
-        t0 = time.perf_counter()
-        row: Dict[str, Any] = {"phase": "lp", "epoch": epoch + 1}
-        lr_at = (lambda frac, e=epoch: cosine_lr(probe.lr, probe.schedule, (e + frac) / E))
-        if epoch < config.warmup_epochs:
-            losses = [warmup_epoch(h, X, Y, batch_size=Bw, generator=gen, lr_at=lr_at, penalty=config.warmup_penalty)
-                      for h in heads]
-            row.update(stage="warmup", train_loss=float(np.mean(losses)))
+    name, divides = "unicon", "selection"
+    drop_last = True  # UNICON's loaders drop the short last batch
+
+    @property
+    def view_strengths(self) -> Tuple[float, ...]:  # weak, weak, strong, strong
+        strong = self.config.strong_factor
+        return (1.0, 1.0, strong, strong)
+
+    def warm_up(self, head: Head, lr_at) -> float:
+        return warmup_epoch(head, self.X, self.Y, batch_size=self.warmup_batch, generator=self.gen, lr_at=lr_at,
+                            penalty=self.config.warmup_penalty)
+
+    def split(self, k: int, epoch: int, row: Dict[str, Any]) -> Tuple[UniformSelection, int]:
+        cfg = self.config
+        jsd = pair_jsd(self.heads, self.X, self.Y)
+        sel = uniform_selection(jsd, self.Y, num_classes=self.num_classes, d_u=cfg.d_u,
+                                filter_coefficient=cfg.filter_coefficient)
+        bu = unlabeled_batch_size(self.batch_size, sel.selection_rate, cfg.unlabeled_batch_k, sel.unlabeled.numel())
+        row.update({f"head{k}_selection_rate": sel.selection_rate, f"head{k}_threshold": sel.threshold,
+                    f"head{k}_unlabeled_batch": bu})
+        if sel.labeled.numel() == 0:
+            log.warning("unicon epoch %d: the uniform selection is empty (SR %.3f); head %d skips this epoch",
+                        epoch + 1, sel.selection_rate, k)
         else:
-            total, count = 0.0, 0
-            for k, (net, other) in enumerate(((heads[0], heads[1]), (heads[1], heads[0]))):
-                jsd = pair_jsd(heads, X, Y)  # recomputed after the first head has trained, as UNICON
-                sel = uniform_selection(jsd, Y, num_classes=num_classes, d_u=config.d_u,
-                                        filter_coefficient=config.filter_coefficient)
-                bu = unlabeled_batch_size(B, sel.selection_rate, config.unlabeled_batch_k, sel.unlabeled.numel())
-                row.update({f"head{k}_selection_rate": sel.selection_rate, f"head{k}_threshold": sel.threshold,
-                            f"head{k}_unlabeled_batch": bu,
-                            **selection_stats(row_mask(sel.labeled, n), labels, clean, f"head{k}_")})
-                if sel.labeled.numel() == 0:
-                    log.warning("unicon epoch %d: the uniform selection is empty (SR %.3f); head %d skips "
-                                "this epoch", epoch + 1, sel.selection_rate, k)
-                    continue
-                l, c = _ssl_epoch(net, other, X, onehot, sel, views=views, config=config, batch_size=B,
-                                  unlabeled_batch=bu, epoch=epoch, rng=rng, generator=gen, lr_at=lr_at)
-                total, count = total + l, count + c
-                state = {"jsd": jsd.numpy(), "labeled": sel.labeled.numpy()}
-            row.update(stage="ssl", train_loss=total / max(count, 1))
-        row["lr"] = lr_at(1.0)
-        for name, (fe, la) in evals.items():
-            row[f"{name}_acc"] = accuracy_of(heads, fe, la)
-        row["wall_s"] = time.perf_counter() - t0
-        history.append(row)
-        if log_every_epoch:
-            log_epoch("unicon", row, E)
-    return HeadPairResult(head_state=mean_head(heads), heads=[h.state() for h in heads], history=history,
-                          state=state)
+            self.state = {"jsd": jsd.numpy(), "labeled": sel.labeled.numpy()}
+        return sel, bu
+
+    def batch_loss(self, net: Head, other: Head, xv: List[torch.Tensor], y_onehot: torch.Tensor, w: torch.Tensor,
+                   uv: List[torch.Tensor], lambda_u: float) -> torch.Tensor:
+        loss, _ = unicon_step(net, other, xv, y_onehot, w, uv, config=self.config, lambda_u=lambda_u, rng=self.rng,
+                              generator=self.gen)
+        return loss
 
 
-def _ssl_epoch(net: Head, other: Head, X, onehot, sel: UniformSelection, *, views: FeatureViews,
-               config: UniconSection, batch_size: int, unlabeled_batch: int, epoch: int, rng, generator,
-               lr_at) -> Tuple[float, int]:
-    """One pass of ``net`` over the labeled set in full batches (UNICON's loaders drop the short last
-    one; a set smaller than one batch is one short batch), unlabeled batches of ``unlabeled_batch``
-    cycling alongside; (loss sum, samples trained on)."""
-    dev = X.device
-    lab, w = sel.labeled.to(dev), sel.weights.to(dev)
-    n_l = lab.numel()
-    order = torch.randperm(n_l, generator=generator).to(dev)
-    steps = max(1, n_l // batch_size)
-    unl = (cycle_batches(sel.unlabeled.to(dev), unlabeled_batch, generator, drop_last=True)
-           if unlabeled_batch > 0 else None)
-    strong = config.strong_factor
-
-    def four(v):
-        return [views(v, generator=generator), views(v, generator=generator),
-                views(v, generator=generator, strength=strong), views(v, generator=generator, strength=strong)]
-
-    total, seen = 0.0, 0
-    for k in range(steps):
-        pick = order[k * batch_size:(k + 1) * batch_size]
-        rows = lab.index_select(0, pick)
-        xv = four(X.index_select(0, rows))
-        uv = four(X.index_select(0, next(unl))) if unl is not None else [v[:0] for v in xv]
-        lam_u = linear_rampup(ramp_position(epoch, k, n_l, batch_size), warmup=config.warmup_epochs,
-                              length=config.rampup_epochs, weight=config.lambda_u)
-        loss, _ = unicon_step(net, other, xv, onehot.index_select(0, rows), w.index_select(0, pick), uv,
-                              config=config, lambda_u=lam_u, rng=rng, generator=generator)
-        net.step(loss, lr_at(k / steps))
-        total += float(loss.detach()) * rows.numel()
-        seen += rows.numel()
-    return total, seen
+def train_unicon(features: torch.Tensor, labels: torch.Tensor, **options: Any) -> HeadPairResult:
+    """Train UNICON's two linear heads on frozen features (see the module docstring); ``config`` is
+    the recipe's ``unicon`` section, the other options as
+    :meth:`turnctl.methods.twohead.TwoHeadMethod.train`."""
+    return Unicon.train(features, labels, **options)

@@ -33,14 +33,14 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from turnctl import __version__
+from turnctl.data.format import FORMAT
 from turnctl.errors import DataError, TurnctlError
 from turnctl.logger import log, track
 from turnctl.prepare import images, noise as nz, valsplit
 from turnctl.prepare.labels import load_csv_labels, load_human_labels
 from turnctl.prepare.source import Source, Split
 from turnctl.prepare.writer import (
-    FORMAT, SplitWriter, WriteFailed, bytes_under, check_apart, check_out, commit_dir, discard, staging_dir,
-    write_json,
+    SplitWriter, WriteFailed, bytes_under, check_apart, check_out, commit_dir, discard, staging_dir, write_json,
 )
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion-mnist", "clothing1m", "webvision", "imagefolder")

@@ -35,10 +35,10 @@ import tarfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+from turnctl.data.format import FORMAT
 from turnctl.errors import DataError
 from turnctl.logger import log
 
-FORMAT = "turnctl-shards/1"  # manifest.json's "format"; turnctl/shards.py reads the same string
 SPOOL_NAME = ".train-before-holdout.spool"  # valsplit's spool of encoded train images
 # The names an interrupted prepare can leave in its output directory. Not manifest.json: it is
 # written last, so a directory with one is finished (and then only the "format" says whose it is).
@@ -99,14 +99,6 @@ def _header(name: str, size: int) -> bytes:
     )).ljust(_BLOCK, b"\0")
     checksum = b"%06o\0 " % sum(head)
     return head[:148] + checksum + head[156:]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Shard:

@@ -1,72 +1,25 @@
-"""TURN step 2, selection: per-class two-component GMMs on per-sample losses -> a balanced clean subset.
+"""The vectorised per-class two-component GMM: :func:`select_clean` and its result.
 
-Two flat functions, in the order the trainer calls them every fine-tuning epoch::
-
-    sel = select_clean(losses, labels, num_classes=C)          # p(clean) per sample, keep = p > tau
-    sub = balanced_subset(sel.keep, labels, num_classes=C, losses=losses, seed=epoch_seed)
-    train_one_epoch(indices=sub.indices)                        # N = min_c |kept_c| draws per class
-
-and :func:`fit_reference_sklearn`, the slow, obviously-correct per-class scikit-learn loop that
-:func:`select_clean` is tested and benchmarked against.
-
-Conventions (recipe section ``cleanse``)
------------------------------------------------------------
-* **Normalisation is global.** ``normalize="minmax"`` maps the losses of all valid samples to [0, 1]
-  with ONE min and max, as DivideMix does, before fitting the per-class mixtures. Why global and
-  not per class: a GMM fit is invariant to an affine change of its data except for ``reg_covar``
-  (and ``tol`` is not even affected: the mean log-likelihood only shifts by a constant). With a
-  global scale, ``reg_covar=5e-4`` is a floor of ~0.022 x (global loss range) on every component's
-  standard deviation, i.e. the same number of loss units in every class, so a class whose losses
-  are all tightly packed is not split into two artificial modes. Per-class min-max would stretch
-  such a class to [0, 1] and always split it.
-* **Component 0 is the low-mean (clean) component** in every returned per-class array, and
-  ``clean_prob`` is its posterior.
-* **Degenerate classes** (no EM is run; ``n_iter`` 0, ``converged`` True):
-  - no valid sample: parameters NaN, weights 0;
-  - one sample, or all losses equal (zero spread): there is no second mode to call noisy, so the
-    class is one component at that loss (means ``[v, v]``, variances ``[reg_covar] * 2``, weights
-    ``[1, 0]``) and every sample gets ``clean_prob`` 1.0. (scikit-learn would instead put a
-    near-empty spurious component below the data and call the whole class noisy.) Whether such a
-    tiny class can fill a balanced subset is :func:`balanced_subset`'s decision (fallback).
-  - two distinct samples are a regular fit (each becomes its own component, as in scikit-learn).
-* **Invalid samples** (``valid=False``, e.g. undecodable images) take no part in normalisation or
-  fitting, get ``clean_prob`` 0 and ``keep`` False; their loss may be NaN and their label anything.
-* **The fit** (:func:`select_clean`) reproduces scikit-learn's ``GaussianMixture(2, max_iter, tol,
-  reg_covar)`` per class, for all classes at once, in float64: the samples are grouped by class
-  into rows of P (a sort of the labels; see ``_Pieces``) so that per-class sums are dense row sums
-  and per-class constants broadcast; EM's responsibilities, M-step and stopping rule (|change of
-  the mean log-likelihood| < tol, checked per class; a class that stops is frozen and leaves the
-  working set) are scikit-learn's, and so is the initialisation from a 2-means partition (see
-  ``_init_two_means``). At the lineage
-  settings, decisions agree with a per-class scikit-learn loop on ~99.99% of samples, as often as
-  two scikit-learn runs with different seeds agree with each other; run to convergence, the
-  posteriors agree to float32 precision (``benchmarks/bench_select.py``, tests/test_cleanse.py).
-* Errors: a non-finite loss of a valid sample raises :class:`~turnctl.errors.TurnctlError` naming
-  the first such sample (its position in ``losses``, which is the sample ``idx`` when losses are
-  indexed by idx); a label outside ``[0, num_classes)`` raises :class:`~turnctl.errors.DataError`.
-  Malformed arguments (shapes, option values) are programming errors: ``ValueError``.
+All classes are fitted at once, in float64, following scikit-learn's ``GaussianMixture`` step for
+step (turnctl.cleanse's docstring has the conventions; turnctl.cleanse.reference is the per-class
+scikit-learn loop it is checked against). The mixture's closed-form maths (log-odds, posteriors)
+is turnctl.cleanse.mixture's.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from turnctl.errors import DataError, TurnctlError
-
-__all__ = ["CleanSelection", "BalancedSubset", "select_clean", "balanced_subset", "fit_reference_sklearn"]
-
-ArrayLike = Union[np.ndarray, torch.Tensor, "list[float]"]
+from turnctl.cleanse.inputs import ArrayLike, check_options, normalise_losses, resolve_device, samples
+from turnctl.cleanse.mixture import component_coefficients, log_odds_coefficients
 
 # scikit-learn adds 10 * eps to every component's responsibility mass before dividing by it
 # (``_estimate_gaussian_parameters``); we do the same so that the EM trajectories coincide.
 _EPS10 = 10 * float(np.finfo(np.float64).eps)
-_LOG_2PI = math.log(2.0 * math.pi)
 # Bins per class (at most) of the histogram that seeds the 2-means initialisation (_init_two_means).
 _INIT_BINS = 1024
 # Lloyd iterations to polish the histogram split; 1-D 2-means reaches a fixed point in a handful.
@@ -104,100 +57,6 @@ class CleanSelection:
     loss_max: float
     tau: float
 
-
-@dataclass(frozen=True)
-class BalancedSubset:
-    """Result of :func:`balanced_subset`."""
-
-    selected: np.ndarray  # bool [N_samples]
-    indices: np.ndarray  # int64, sorted: np.flatnonzero(selected)
-    per_class: np.ndarray  # int64 [C]: samples drawn per class (n_per_class, or 0 for empty classes)
-    n_per_class: int  # N = min over non-empty classes of available_per_class
-    available_per_class: np.ndarray  # int64 [C]: kept samples per class after the fallback
-    fallback_classes: Tuple[int, ...]  # classes that kept < min_per_class and used their lowest losses
-    empty_classes: Tuple[int, ...]  # classes without any (valid) sample: ignored
-
-
-# ---- input checking (shared by select_clean, balanced_subset and the reference) ---------------
-
-def _as_1d(name: str, a: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if dtype == torch.int64 and (t.is_floating_point() or t.is_complex()):
-        raise ValueError(f"{name} must be integers, got {t.dtype}")  # 1.7 must not become class 1
-    return t.to(device=device, dtype=dtype)
-
-
-def _check_common(losses: torch.Tensor, labels: torch.Tensor, valid: Optional[torch.Tensor],
-                  num_classes: int) -> Optional[torch.Tensor]:
-    """Validate shapes, labels and finiteness of the valid samples.
-
-    Returns the valid mask, or None when every sample is valid (``valid`` None or all True), so
-    that callers can skip the masking passes.
-    """
-    n = losses.shape[0]
-    if labels.shape[0] != n:
-        raise ValueError(f"labels has {labels.shape[0]} entries, losses has {n}")
-    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if valid is not None:
-        if valid.shape[0] != n:
-            raise ValueError(f"valid has {valid.shape[0]} entries, losses has {n}")
-        if bool(valid.all()):
-            valid = None
-    if valid is None and n > 0:
-        # Fast path, one pass each: min/max propagate NaN, so finite extremes mean finite losses.
-        lmin, lmax = (int(v) for v in torch.aminmax(labels))
-        fmin, fmax = (float(v) for v in torch.aminmax(losses))
-        if 0 <= lmin and lmax < num_classes and math.isfinite(fmin) and math.isfinite(fmax):
-            return None
-    lab_ok = (labels >= 0) & (labels < num_classes)
-    loss_ok = torch.isfinite(losses)
-    if valid is not None:
-        lab_ok |= ~valid
-        loss_ok |= ~valid
-    if not bool(lab_ok.all()):
-        i = int(torch.nonzero(~lab_ok)[0, 0])
-        raise DataError(f"label {int(labels[i])} of sample {i} is outside [0, {num_classes}) "
-                        f"(num_classes={num_classes}); check the shards' manifest or data.num_classes")
-    if not bool(loss_ok.all()):
-        i = int(torch.nonzero(~loss_ok)[0, 0])
-        raise TurnctlError(f"per-sample loss of sample {i} is {float(losses[i])}: losses must be finite "
-                           f"(did training diverge? try a lower learning rate)")
-    return valid
-
-
-def _check_options(tau: float, max_iter: int, tol: float, reg_covar: float, normalize: str) -> None:
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must be in [0, 1], got {tau}")
-    if int(max_iter) != max_iter or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
-    if not reg_covar > 0:  # the zero-variance classes rely on it
-        raise ValueError(f"reg_covar must be > 0, got {reg_covar}")
-    if normalize not in ("minmax", "none"):
-        raise ValueError(f"normalize must be 'minmax' or 'none', got {normalize!r}")
-
-
-def _normalise(losses: torch.Tensor, normalize: str) -> Tuple[torch.Tensor, float, float]:
-    """Global min-max to [0, 1] (see the module docstring for why global)."""
-    if normalize == "none" or losses.numel() == 0:
-        return losses, 0.0, 1.0
-    lo, hi = (float(v) for v in torch.aminmax(losses))
-    if hi > lo:
-        return (losses - lo) / (hi - lo), lo, hi
-    return torch.zeros_like(losses), lo, hi  # all equal: every class is zero-spread
-
-
-def _resolve_device(losses: Any, device: Any) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return losses.device if isinstance(losses, torch.Tensor) else torch.device("cpu")
-
-
-# ---- the vectorised fit -----------------------------------------------------------------------
 
 class _Pieces:
     """The valid samples grouped by class into rows ("pieces") of P samples.
@@ -350,18 +209,6 @@ def _init_two_means(pc: _Pieces, n: torch.Tensor, span: torch.Tensor,
     return cnt1, sum1, pc.sum(hx.mul_(X))
 
 
-def _coefficients(mu: torch.Tensor, var: torch.Tensor, w: torch.Tensor):
-    """log(w_k N(x | mu_k, var_k)) = a_k + b_k x + q_k x^2, per class and component ([C, 2] each)."""
-    prec = 1.0 / var
-    a = torch.log(w) - 0.5 * _LOG_2PI - 0.5 * torch.log(var) - 0.5 * prec * mu * mu
-    return a, prec * mu, -0.5 * prec
-
-
-def _log_odds_coefficients(mu, var, w):
-    """d(x) = log p(component 0 | x) - log p(component 1 | x) = a + b x + q x^2, per class."""
-    a, b, q = _coefficients(mu, var, w)
-    return a[:, 0] - a[:, 1], b[:, 0] - b[:, 1], q[:, 0] - q[:, 1]
-
 
 def _m_step(R, Rx, Rxx, reg_covar):
     """scikit-learn's M-step from responsibility sums: nk = sum r + 10 eps, mean, variance + reg."""
@@ -412,7 +259,7 @@ def _fit_pieces(pc: _Pieces, *, max_iter: int, tol: float, reg_covar: float):
         if not bool(active.any()):
             break
         # E-step on the working set: d = log-odds of component 0, r0 = sigmoid(d) = its responsibility.
-        da, db, dq = _log_odds_coefficients(mu, var, w)
+        da, db, dq = log_odds_coefficients(mu, var, w)
         d = work.quadratic(da, db, dq)  # in b0
         r0 = torch.sigmoid(d, out=work.b1)
         # Padding sits at x = 0, where d = da: it adds nothing to x-weighted sums, and its share
@@ -430,7 +277,7 @@ def _fit_pieces(pc: _Pieces, *, max_iter: int, tol: float, reg_covar: float):
         m = torch.maximum(torch.sub(1.0, r0, out=work.b2), r0, out=work.b2)
         sp = work.sum(torch.clamp(d, min=0.0, out=work.b1)) - work.sum_log(m)
         sp -= work.npad * (da.clamp(min=0.0) - torch.maximum(ra, 1.0 - ra).log())
-        a, b, q = _coefficients(mu, var, w)
+        a, b, q = component_coefficients(mu, var, w)
         nw = work.counts.to(dt)
         lb = (nw * a[:, 1] + b[:, 1] * Sx + q[:, 1] * Sxx + sp) / nw.clamp(min=1)
         # Component 1's sums are the class totals minus component 0's (half the passes over the
@@ -477,8 +324,8 @@ def select_clean(losses: ArrayLike, labels: ArrayLike, *, num_classes: int, tau:
     simultaneously with torch (float64, on ``device``: default the device of ``losses`` if it is a
     tensor, else CPU), following scikit-learn's ``GaussianMixture(2, max_iter=max_iter, tol=tol,
     reg_covar=reg_covar)`` step for step, including its per-fit stopping rule (see
-    :func:`fit_reference_sklearn`). Conventions for normalisation, degenerate classes, invalid
-    samples and errors are in the module docstring.
+    :func:`turnctl.cleanse.reference.fit_reference_sklearn`). Conventions for normalisation, degenerate classes, invalid
+    samples and errors are in turnctl.cleanse's docstring.
 
     Args:
         losses: per-sample losses, shape [N] (numpy array, torch tensor or list).
@@ -503,17 +350,14 @@ def select_clean(losses: ArrayLike, labels: ArrayLike, *, num_classes: int, tau:
     >>> bool(sel.means[0, 0] < sel.means[0, 1])  # component 0 is the low-mean one
     True
     """
-    _check_options(tau, max_iter, tol, reg_covar, normalize)
-    dev = _resolve_device(losses, device)
-    L = _as_1d("losses", losses, torch.float64, dev)
-    Y = _as_1d("labels", labels, torch.int64, dev)
-    V = None if valid is None else _as_1d("valid", valid, torch.bool, dev)
-    V = _check_common(L, Y, V, num_classes)
+    check_options(tau, max_iter, tol, reg_covar, normalize)
+    dev = resolve_device(losses, device)
+    L, Y, V = samples(losses, labels, valid, num_classes, dev)
     N, C = L.shape[0], int(num_classes)
 
     vidx = None if V is None else torch.nonzero(V)[:, 0]
     Lv, Yv = (L, Y) if vidx is None else (L.index_select(0, vidx), Y.index_select(0, vidx))
-    x, loss_min, loss_max = _normalise(Lv, normalize)
+    x, loss_min, loss_max = normalise_losses(Lv, normalize)
 
     pc, lo = _Pieces.build(x, Yv, C)
     counts = pc.counts
@@ -530,7 +374,7 @@ def select_clean(losses: ArrayLike, labels: ArrayLike, *, num_classes: int, tau:
     # Final E-step with the final parameters (scikit-learn's predict_proba after fit), in the
     # input order so nothing needs scattering back: the log-odds quadratic is moved from the
     # shifted coordinates (x - lo_c) back to x. Flat classes get d = +inf: posterior exactly 1.
-    a, b, q = _log_odds_coefficients(mu, var, w)
+    a, b, q = log_odds_coefficients(mu, var, w)
     a, b = a - b * lo + q * lo * lo, b - 2 * q * lo
     a, b, q = torch.where(fit, a, torch.inf), torch.where(fit, b, 0.0), torch.where(fit, q, 0.0)
     ya = a.index_select(0, Yv)
@@ -545,11 +389,11 @@ def select_clean(losses: ArrayLike, labels: ArrayLike, *, num_classes: int, tau:
     var = torch.where(fit[:, None], var, torch.where(flat[:, None], reg_covar, torch.nan))
     one_zero = torch.tensor([1.0, 0.0], dtype=torch.float64, device=dev).expand(C, 2)
     w = torch.where(fit[:, None], w, torch.where(flat[:, None], one_zero, 0.0))
-    return _make_selection(p, Y, V, C, tau, mu, var, w, n_iter, converged | ~fit, counts,
-                           torch.where(fit, lb, torch.nan), loss_min, loss_max)
+    return make_selection(p, Y, V, C, tau, mu, var, w, n_iter, converged | ~fit, counts,
+                          torch.where(fit, lb, torch.nan), loss_min, loss_max)
 
 
-def _make_selection(prob, Y, V, C, tau, mu, var, w, n_iter, converged, counts, lb, loss_min, loss_max):
+def make_selection(prob, Y, V, C, tau, mu, var, w, n_iter, converged, counts, lb, loss_min, loss_max):
     """Assemble the CPU/numpy result; ``prob`` must already be 0 for invalid samples."""
     def np_(t: torch.Tensor) -> np.ndarray:
         return t.cpu().numpy()
@@ -569,164 +413,4 @@ def _make_selection(prob, Y, V, C, tau, mu, var, w, n_iter, converged, counts, l
         kept_per_class=(np.bincount(y, weights=keep, minlength=C) if V is None
                         else np.bincount(y[keep], minlength=C)).astype(np.int64),
         loss_min=float(loss_min), loss_max=float(loss_max), tau=float(tau),
-    )
-
-
-# ---- the reference ----------------------------------------------------------------------------
-
-def fit_reference_sklearn(losses: ArrayLike, labels: ArrayLike, *, num_classes: int, tau: float = 0.6,
-                          max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4,
-                          normalize: str = "minmax", valid: Optional[ArrayLike] = None,
-                          random_state: int = 0) -> CleanSelection:
-    """The same selection as :func:`select_clean`, one scikit-learn ``GaussianMixture`` per class.
-
-    Slow and obviously correct: the reference for tests and ``benchmarks/bench_select.py``. Same
-    validation, global normalisation, degenerate-class conventions and output; each regular class
-    is fitted with ``GaussianMixture(2, max_iter, tol, reg_covar, random_state=random_state)`` in
-    float64, components re-ordered by mean. Convergence warnings are recorded in ``converged``
-    instead of being emitted once per class.
-
-    >>> ref = fit_reference_sklearn([0.1, 0.12, 0.11, 2.5, 0.7], [0, 0, 0, 0, 1], num_classes=2)
-    >>> ref.keep.tolist()
-    [True, True, True, False, True]
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.mixture import GaussianMixture
-
-    _check_options(tau, max_iter, tol, reg_covar, normalize)
-    cpu = torch.device("cpu")
-    L = _as_1d("losses", losses, torch.float64, cpu)
-    Y = _as_1d("labels", labels, torch.int64, cpu)
-    V = None if valid is None else _as_1d("valid", valid, torch.bool, cpu)
-    V = _check_common(L, Y, V, num_classes)
-    C = int(num_classes)
-    v = np.ones(L.shape[0], dtype=bool) if V is None else V.numpy()
-    x = np.zeros(L.shape[0])
-    xv, loss_min, loss_max = _normalise(L[torch.from_numpy(v)], normalize)
-    x[v] = xv.numpy()
-    y = Y.numpy()
-
-    prob = np.zeros(L.shape[0])
-    mu = np.full((C, 2), np.nan)
-    var = np.full((C, 2), np.nan)
-    w = np.zeros((C, 2))
-    n_iter = np.zeros(C, dtype=np.int64)
-    converged = np.ones(C, dtype=bool)
-    lb = np.full(C, np.nan)
-    counts = np.zeros(C, dtype=np.int64)
-    members = np.flatnonzero(v)
-    members = members[np.argsort(y[members], kind="stable")]
-    bounds = np.searchsorted(y[members], np.arange(C + 1))
-    for c in range(C):
-        idx = members[bounds[c]:bounds[c + 1]]
-        counts[c] = idx.size
-        if idx.size == 0:
-            continue
-        xc = x[idx]
-        if idx.size == 1 or xc.max() == xc.min():
-            mu[c], var[c], w[c] = xc[0], reg_covar, (1.0, 0.0)
-            prob[idx] = 1.0
-            continue
-        gm = GaussianMixture(2, max_iter=int(max_iter), tol=tol, reg_covar=reg_covar, random_state=random_state)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            gm.fit(xc[:, None])
-        o = np.argsort(gm.means_[:, 0], kind="stable")
-        mu[c], var[c], w[c] = gm.means_[o, 0], gm.covariances_[o, 0, 0], gm.weights_[o]
-        n_iter[c], converged[c], lb[c] = gm.n_iter_, gm.converged_, gm.lower_bound_
-        prob[idx] = gm.predict_proba(xc[:, None])[:, o[0]]
-    return _make_selection(torch.from_numpy(prob), Y, V, C, tau, torch.from_numpy(mu), torch.from_numpy(var),
-                           torch.from_numpy(w), torch.from_numpy(n_iter), torch.from_numpy(converged),
-                           torch.from_numpy(counts), torch.from_numpy(lb), loss_min, loss_max)
-
-
-# ---- balanced subset --------------------------------------------------------------------------
-
-def balanced_subset(keep: ArrayLike, labels: ArrayLike, *, num_classes: int, losses: ArrayLike,
-                    fallback_k: int = 8, min_per_class: int = 2, seed: int = 0,
-                    valid: Optional[ArrayLike] = None) -> BalancedSubset:
-    """TURN's class-balanced clean subset: N uniform draws from every class's kept samples.
-
-    N = min over classes of the number of kept samples. A class keeping fewer than
-    ``min_per_class`` samples (0 or 1 would make N collapse) falls back to its ``fallback_k``
-    lowest-loss samples (all of them if it has fewer; ties by index) and is listed in
-    ``fallback_classes`` for the log; N is computed after the fallback, so every class, fallback or
-    not, contributes exactly N samples. Note that this makes N <= fallback_k whenever a fallback
-    happens. Classes with no (valid) sample at all are ignored and listed in ``empty_classes``.
-    Draws use ``numpy.random.default_rng(seed)``, class by class in increasing class order:
-    deterministic for a given seed.
-
-    Args:
-        keep: bool [N_samples] from :func:`select_clean` (``CleanSelection.keep``).
-        labels: labels [N_samples] in ``[0, num_classes)``.
-        num_classes: C.
-        losses: per-sample losses [N_samples] (only used to rank a fallback class's samples).
-        fallback_k, min_per_class: the fallback rule above (recipe ``cleanse.fallback_k``,
-            ``cleanse.min_per_class``).
-        seed: seed of the draws (the trainer derives one per epoch: the subset is redrawn).
-        valid: optional bool mask; invalid samples are never selected (their loss may be NaN).
-
-    Example: class 0 keeps 3, class 1 keeps 2, class 2 keeps none and falls back to its 2 lowest
-    losses (fallback_k=2), class 3 has no sample; so N = 2.
-
-    >>> keep   = [1, 1, 1, 0,  1, 1, 0,  0, 0, 0]
-    >>> labels = [0, 0, 0, 0,  1, 1, 1,  2, 2, 2]
-    >>> losses = [.1, .2, .3, 2., .1, .2, 3., .9, .5, .7]
-    >>> sub = balanced_subset(keep, labels, num_classes=4, losses=losses, fallback_k=2, seed=0)
-    >>> sub.n_per_class, sub.per_class.tolist(), sub.fallback_classes, sub.empty_classes
-    (2, [2, 2, 2, 0], (2,), (3,))
-    >>> sub.indices[sub.indices >= 7].tolist()  # class 2: its two lowest losses
-    [8, 9]
-    """
-    if int(fallback_k) != fallback_k or fallback_k < 1:
-        raise ValueError(f"fallback_k must be an int >= 1, got {fallback_k}")
-    if int(min_per_class) != min_per_class or min_per_class < 1:
-        raise ValueError(f"min_per_class must be an int >= 1, got {min_per_class}")
-    cpu = torch.device("cpu")
-    K = _as_1d("keep", keep, torch.bool, cpu)
-    L = _as_1d("losses", losses, torch.float64, cpu)
-    Y = _as_1d("labels", labels, torch.int64, cpu)
-    V = None if valid is None else _as_1d("valid", valid, torch.bool, cpu)
-    if K.shape[0] != L.shape[0]:
-        raise ValueError(f"keep has {K.shape[0]} entries, losses has {L.shape[0]}")
-    V = _check_common(L, Y, V, num_classes)
-    C = int(num_classes)
-    v = np.ones(K.shape[0], dtype=bool) if V is None else V.numpy()
-    k, loss, y = K.numpy() & v, L.numpy(), Y.numpy()
-
-    counts = np.bincount(y[v], minlength=C)
-    kept = np.bincount(y[k], minlength=C)
-    empty = counts == 0
-    fallback = ~empty & (kept < min_per_class)
-    pool = k.copy()
-    if fallback.any():
-        cand = np.flatnonzero(v & fallback[np.where(v, y, 0)])
-        pool[cand] = False
-        # Sort the candidates by (class, loss, index): lexsort's last key is the primary one.
-        cand = cand[np.lexsort((cand, loss[cand], y[cand]))]
-        start = np.searchsorted(y[cand], y[cand], side="left")
-        rank = np.arange(cand.size) - start
-        pool[cand[rank < fallback_k]] = True
-    available = np.bincount(y[pool], minlength=C).astype(np.int64)
-    n_per = int(available[~empty].min()) if (~empty).any() else 0
-
-    rng = np.random.default_rng(seed)
-    members = np.flatnonzero(pool)
-    key = y[members]
-    # numpy's stable sort is a radix sort for 16-bit keys: several times faster than for int64.
-    members = members[np.argsort(key.astype(np.int16) if C <= np.iinfo(np.int16).max else key, kind="stable")]
-    bounds = np.searchsorted(y[members], np.arange(C + 1))
-    chosen = []
-    for c in np.flatnonzero(~empty):
-        m = members[bounds[c]:bounds[c + 1]]
-        chosen.append(m[rng.choice(m.size, size=n_per, replace=False)])
-    indices = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
-    selected = np.zeros(y.shape[0], dtype=bool)
-    selected[indices] = True
-    return BalancedSubset(
-        selected=selected, indices=indices.astype(np.int64),
-        per_class=np.bincount(y[indices], minlength=C).astype(np.int64), n_per_class=n_per,
-        available_per_class=available,
-        fallback_classes=tuple(int(c) for c in np.flatnonzero(fallback)),
-        empty_classes=tuple(int(c) for c in np.flatnonzero(empty)),
     )

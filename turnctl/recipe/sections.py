@@ -1,37 +1,15 @@
-"""Typed recipes: the one place every hyper-parameter lives.
+"""The recipe's sections: one pydantic model per key of a recipe, each forbidding unknown keys.
 
-A recipe is a YAML file (``recipes/NAME.yaml`` or any path) validated against the models below.
-Like DeepSpeed's config models, every section forbids unknown keys; unlike pydantic's default error,
-ours names the full key path and the closest valid key, in one line::
-
-    recipe recipes/clip_l14.yaml: unknown key 'finetune.lrr' (did you mean 'finetune.lr'?)
-
-``--set a.b.c=value`` overrides are applied to the raw mapping *before* validation, so they are
-typed, range-checked and spell-checked exactly like the file.
+turnctl/recipe/__init__.py puts them together as :class:`~turnctl.recipe.Recipe`; every default and
+range of a hyper-parameter lives here.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import hashlib
-import json
-import os
-from importlib import resources
-from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Type, Union, get_args, get_origin
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union, get_args, get_origin
 
-import yaml
-from pydantic import (
-    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from turnctl.errors import RecipeError
-
-METHODS = (
-    "turn", "lp-ce", "lp-gce", "lp-elr", "fft-ce", "fft-gce", "fft-elr",
-    "lp-dividemix", "lp-unicon", "nmtune", "turn-nmtune",
-)
 FAMILIES = (
     "vit", "clip", "convnext", "resnet", "vit_mae", "vit_msn", "dinov2", "auto",
     "efficientnet_lite0", "efficientnet_lite1",
@@ -139,8 +117,9 @@ class LossSection(Section):
     elr_lambda: float = Field(default=3.0, ge=0.0)
 
 
-class ProbeSection(Section):
-    """Linear probing on frozen features (TURN step 1; the LP baselines)."""
+class _Training(Section):
+    """What the linear probe and fine-tuning both set; the defaults are the probe's (the fine-tuning
+    section overrides those that differ)."""
 
     epochs: int = Field(default=20, ge=0, le=10000)
     loss: Literal["ce", "gce", "elr"] = "gce"
@@ -150,6 +129,11 @@ class ProbeSection(Section):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     batch_size: int = Field(default=128, ge=1)
     schedule: Literal["constant", "cosine"] = "cosine"
+
+
+class ProbeSection(_Training):
+    """Linear probing on frozen features (TURN step 1; the LP baselines)."""
+
     # Standardise every feature dimension (mean and std of the train features) before step 1, for
     # every feature-space method alike; the affine map is folded into the exported linear head, so
     # inference on raw features gives the same logits. Without it SGD on raw 1280-d features swings
@@ -186,18 +170,14 @@ class CleanseSection(Section):
     seed: Optional[int] = None  # None: derived from the run seed and the epoch
 
 
-class FinetuneSection(Section):
-    """Full fine-tuning with DeepSpeed (TURN step 2, the FFT baselines)."""
+class FinetuneSection(_Training):
+    """Full fine-tuning with DeepSpeed (TURN step 2, the FFT baselines). ``batch_size`` is the
+    global batch (paper: 128) = micro_batch_size x gradient accumulation x world size."""
 
     epochs: int = Field(default=4, ge=0, le=10000)  # TURN's E_FFT
-    baseline_epochs: int = Field(default=5, ge=0, le=10000)  # the FFT baselines (paper: 5)
     loss: Literal["ce", "gce", "elr"] = "ce"
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(default=1e-2, gt=0.0, le=10.0)
     weight_decay: float = Field(default=1e-5, ge=0.0, le=1.0)
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    # Global batch (paper: 128) = micro_batch_size x gradient accumulation x world size.
-    batch_size: int = Field(default=128, ge=1)
+    baseline_epochs: int = Field(default=5, ge=0, le=10000)  # the FFT baselines (paper: 5)
     micro_batch_size: int = Field(default=32, ge=1)
     # Linear LR warmup over this fraction of the fine-tuning (Hugging Face Trainer's `warmup_ratio`),
     # then the schedule over the rest. The fraction is of *training progress* (epochs done, as the
@@ -207,7 +187,6 @@ class FinetuneSection(Section):
     # Legacy: warmup over the first N optimizer steps, multiplied into the cosine. Still honoured so
     # older recipes reproduce their runs; a recipe sets this or warmup_ratio, not both.
     warmup_steps: int = Field(default=0, ge=0)
-    schedule: Literal["constant", "cosine"] = "cosine"
     gradient_clipping: float = Field(default=1.0, ge=0.0)
     # Keep BatchNorm layers in eval mode while fine-tuning: their running statistics stay those the
     # probe's features were computed with. Helps small per-rank batches on a shifted domain.
@@ -444,334 +423,3 @@ class OutputSection(Section):
     keep_checkpoints: int = Field(default=2, ge=1)
     tensorboard: bool = True
     export_final: bool = True
-
-
-class Recipe(Section):
-    name: str = "recipe"
-    description: str = ""
-    method: Literal[METHODS] = "turn"  # type: ignore[valid-type]
-    seed: int = Field(default=0, ge=0)
-    model: ModelSection
-    data: DataSection = Field(default_factory=DataSection)
-    features: FeatureSection = Field(default_factory=FeatureSection)
-    losses: LossSection = Field(default_factory=LossSection)
-    probe: ProbeSection = Field(default_factory=ProbeSection)
-    cleanse: CleanseSection = Field(default_factory=CleanseSection)
-    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
-    dividemix: DivideMixSection = Field(default_factory=DivideMixSection)
-    unicon: UniconSection = Field(default_factory=UniconSection)
-    nmtune: NMTuneSection = Field(default_factory=NMTuneSection)
-    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
-    output: OutputSection = Field(default_factory=OutputSection)
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_one_path_part(cls, name: str) -> str:
-        """The default run directory is runs/<name>-<time>: a name with a separator or '..' would put
-        the run (and what it writes) outside runs/."""
-        from pydantic_core import PydanticCustomError
-
-        bad = (not name.strip() or ".." in name or "/" in name or "\\" in name or "\0" in name
-               or len(name) > 200)
-        if bad:
-            raise PydanticCustomError("run_name", (
-                "a run name is one directory name of at most 200 characters: not empty, no '/', '\\' "
-                "or '..' (set output.dir or --out to choose where the run goes)"))
-        return name
-
-    # ---- derived settings -------------------------------------------------------------------
-    def grad_accum(self, world_size: int) -> int:
-        """Gradient-accumulation steps from the batch triad, or a clear error."""
-        ft = self.finetune
-        per_step = ft.micro_batch_size * world_size
-        if ft.batch_size % per_step:
-            raise RecipeError(
-                f"finetune.batch_size={ft.batch_size} must be a multiple of finetune.micro_batch_size"
-                f" ({ft.micro_batch_size}) x world size ({world_size}) = {per_step}; set "
-                f"finetune.batch_size to a multiple of {per_step} or change finetune.micro_batch_size"
-            )
-        return ft.batch_size // per_step
-
-    def precision_for(self, device_type: str) -> str:
-        p = self.deepspeed.precision
-        if p == "auto":
-            return "bf16" if device_type == "cuda" else "fp32"
-        return p
-
-    def deepspeed_config(self, world_size: int, device_type: str = "cpu",
-                         steps_per_epoch: Optional[int] = None) -> Dict[str, Any]:
-        """The DeepSpeed config dict: batch triad checked, clipping explicit, ZeRO stage as set.
-
-        The optimizer and LR schedule are built by turnctl (so SGD, AdamW and the cosine schedule
-        behave the same on every stage), hence ``zero_allow_untested_optimizer``, and under
-        ZeRO-Offload ``zero_force_ds_cpu_optimizer: false`` (DeepSpeed otherwise refuses any optimizer
-        but its DeepSpeedCPUAdam/Lion; turnctl's then steps the CPU partitions). ``deepspeed.extra`` is
-        merged last; it cannot set what this method derives (checked when the recipe is validated).
-        """
-        ds, ft = self.deepspeed, self.finetune
-        accum = self.grad_accum(world_size)
-        zero: Dict[str, Any] = {"stage": ds.zero_stage}
-        if ds.zero_stage == 3:
-            zero["stage3_gather_16bit_weights_on_model_save"] = True
-            if ds.stage3_param_persistence_threshold is not None:
-                zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
-        if ds.offload_optimizer:  # validation refuses it with ZeRO stage 0
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
-        cfg: Dict[str, Any] = {
-            "train_batch_size": ft.batch_size,
-            "train_micro_batch_size_per_gpu": ft.micro_batch_size,
-            "gradient_accumulation_steps": accum,
-            # Explicit: DeepSpeed >= 0.19.3 defaults to 1.0 silently; 0 disables clipping.
-            "gradient_clipping": ft.gradient_clipping,
-            "zero_optimization": zero,
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        precision = self.precision_for(device_type)
-        if precision == "bf16":
-            cfg["bf16"] = {"enabled": True}
-        elif precision == "fp16":
-            cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
-        if ds.offload_optimizer:
-            cfg["zero_force_ds_cpu_optimizer"] = False
-        return _deep_merge(cfg, ds.extra)
-
-    def digest(self) -> str:
-        """A short hash of the resolved recipe (ranks compare it to agree on one config)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def to_yaml(self) -> str:
-        # No anchors: the run's recipe.yaml is read back by load_yaml_file, which refuses them.
-        return yaml.dump(self.model_dump(mode="json"), Dumper=_NoAliasDumper, sort_keys=False)
-
-
-class _NoAliasDumper(yaml.SafeDumper):
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
-
-
-def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-# ---- loading --------------------------------------------------------------------------------
-
-# A recipe is a page of settings; the bound keeps a wrong path (a log, a dataset file) from being read
-# whole into memory before it is refused.
-MAX_RECIPE_BYTES = 1 << 20
-# Deep enough for any transformers config; a bound keeps composing (and later deepcopy, pydantic and
-# json, all recursive) from a RecursionError on a file of nested brackets.
-MAX_YAML_DEPTH = 64
-
-
-class _YamlRefused(yaml.MarkedYAMLError):
-    """Valid YAML that a recipe may not use (anchors and aliases, excessive nesting)."""
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` without anchors and aliases.
-
-    Aliases let a few hundred bytes stand for billions of values ("billion laughs": nine levels of
-    nine aliases each). The composer shares the node, so loading is cheap, but everything after it
-    (the digest's JSON, deep copies, printing) walks the full expansion and runs out of memory. A
-    recipe has no use for them, so the first anchor or alias is refused, before anything is built.
-    """
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _YamlRefused(problem=("YAML anchors and aliases (&name, *name, <<: *name) are not allowed in a "
-                                        "recipe; write the value out"), problem_mark=event.start_mark)
-        if self._depth >= MAX_YAML_DEPTH:
-            raise _YamlRefused(problem=f"nested more than {MAX_YAML_DEPTH} levels deep",
-                               problem_mark=event.start_mark)
-        self._depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _yaml_load(text: str) -> Any:
-    loader = _RecipeLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-def load_yaml_file(path: Path, what: str = "recipe") -> Any:
-    """The YAML in a recipe file or a run's ``recipe.yaml``, read the one safe way: at most
-    :data:`MAX_RECIPE_BYTES`, UTF-8, safe tags only, no anchors or aliases. Every problem is a
-    one-line :class:`RecipeError` that names the file (and the line where YAML knows it)."""
-    path = Path(path)
-    where = f"{what} {path}" if what else str(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_RECIPE_BYTES + 1)  # read-bounded: stat lies for /dev/zero and growing files
-    except OSError as err:
-        raise RecipeError(f"{where}: cannot read it ({err.strerror or err})") from None
-    if len(data) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{where}: larger than {MAX_RECIPE_BYTES // (1 << 20)} MiB; a recipe is a small "
-                          "YAML file (is this the right path?)")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise RecipeError(f"{where}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
-                          "save it as UTF-8") from None
-    try:
-        return _yaml_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        if isinstance(err, _YamlRefused):
-            raise RecipeError(f"{where}{line}: {err.problem}") from None
-        # PyYAML's reader errors span lines ("...\n  in <unicode string>, position N"): one line.
-        problem = " ".join(str(getattr(err, "problem", None) or err).split())
-        raise RecipeError(f"{where}{line}: not valid YAML ({problem})") from None
-
-
-def _short(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-def recipe_dirs() -> List[Path]:
-    """Where ``--recipe NAME`` is looked up: $TURNCTL_RECIPES, the checkout, the installed package."""
-    dirs: List[Path] = []
-    if os.environ.get("TURNCTL_RECIPES"):
-        dirs.append(Path(os.environ["TURNCTL_RECIPES"]))
-    dirs.append(Path(__file__).resolve().parent.parent / "recipes")  # source checkout / editable
-    try:
-        dirs.append(Path(str(resources.files("turnctl") / "recipes")))  # wheel install
-    except (ModuleNotFoundError, TypeError):  # pragma: no cover
-        pass
-    return dirs
-
-
-def available_recipes() -> List[str]:
-    names = set()
-    for d in recipe_dirs():
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.yaml"))
-    return sorted(names)
-
-
-def resolve_recipe_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path or p.exists():
-        if not p.is_file():
-            raise RecipeError(f"recipe file not found: {p}")
-        return p
-    for d in recipe_dirs():
-        cand = d / f"{name_or_path}.yaml"
-        if cand.is_file():
-            return cand
-    names = available_recipes()
-    close = difflib.get_close_matches(name_or_path, names, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f"; available: {', '.join(names)}"
-    raise RecipeError(f"unknown recipe '{name_or_path}'{hint}")
-
-
-def _unknown_keys(raw: Any, model: Type[BaseModel], prefix: str = "") -> List[Tuple[str, List[str]]]:
-    """Unknown keys in ``raw`` with their valid siblings, recursing into section models."""
-    if not isinstance(raw, dict):
-        return []
-    found = []
-    fields = model.model_fields
-    for key, value in raw.items():
-        path = f"{prefix}{key}"
-        if key not in fields:
-            found.append((path, [f"{prefix}{f}" for f in fields]))
-            continue
-        ann = fields[key].annotation
-        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if sub is not None:
-            found.extend(_unknown_keys(value, sub, path + "."))
-    return found
-
-
-def _parse_override(item: str) -> Tuple[List[str], Any]:
-    if "=" not in item:
-        raise RecipeError(f"--set '{item}' must look like key.path=value (e.g. finetune.lr=1e-4)")
-    key, value = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"--set '{item}': empty key segment")
-    try:
-        parsed = _yaml_load(value) if value.strip() else None
-    except _YamlRefused as err:
-        raise RecipeError(f"--set '{_short(item)}': {err.problem}") from None
-    except yaml.YAMLError:
-        parsed = value
-    return key.split("."), parsed
-
-
-def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        path, value = _parse_override(item)
-        node = out
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
-                raise RecipeError(f"--set '{item}': '{part}' is a value, not a section")
-            node = nxt
-        node[path[-1]] = value
-    return out
-
-
-def _format_validation_error(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
-    if "input" in first and not isinstance(first["input"], (dict, list)):
-        msg += f" (got {first['input']!r})"
-    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-    return f"recipe {source}: {loc}: {msg}{more}"
-
-
-def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {source}: top level must be a mapping, got {type(raw).__name__}")
-    unknown = _unknown_keys(raw, Recipe)
-    if unknown:
-        path, valid = unknown[0]
-        close = difflib.get_close_matches(path, valid, n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
-        raise RecipeError(f"recipe {source}: unknown key '{path}'{hint}")
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as err:
-        raise RecipeError(_format_validation_error(source, err)) from None
-
-
-def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None) -> Recipe:
-    """Load a recipe by name (``recipes/NAME.yaml``) or path, apply ``--set`` overrides, validate.
-
-    >>> r = load_recipe("tiny", ["finetune.lr=1e-3"])
-    >>> r.finetune.lr
-    0.001
-    """
-    path = resolve_recipe_path(name_or_path)
-    raw = load_yaml_file(path)
-    if raw is None:  # an empty file
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections (model:, data:, ...), "
-                          f"got a {type(raw).__name__}")
-    raw.setdefault("name", path.stem)
-    raw = apply_overrides(raw, overrides or [])
-    return validate_recipe(raw, str(path))

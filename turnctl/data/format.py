@@ -1,0 +1,310 @@
+"""The on-disk contract between ``turnctl prepare`` and every reader (docs/ARCHITECTURE.md).
+
+One home for what a prepared dataset directory must look like: the manifest format string
+(:data:`FORMAT`, which turnctl/prepare/writer.py writes), the image member extensions, the
+schema of ``manifest.json`` / ``sizes.json`` (pydantic, one line naming the file and field), the
+size limits checked before either is read, the shard-name rule, the shard hash, and
+:func:`open_split`, which checks all of it and returns a :class:`SplitInfo`.
+
+Imported by prepare as well as by the readers, so it stays light: no torch, no webdataset, no PIL.
+
+    >>> FORMAT
+    'turnctl-shards/1'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Dict, List, Mapping, Optional, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from turnctl.errors import DataError
+
+FORMAT = "turnctl-shards/1"  # manifest.json's "format"
+# The members that carry the image, by extension; a sample's other members are ASCII integers.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split of a prepared dataset, validated against its manifest.
+
+    ``shard_paths`` / ``shard_sizes`` are in shard-name order (``train-000000.tar`` first).
+    ``fingerprint`` is a sha256 over the split's shard names, sample counts and the shards' sha256
+    as recorded in the manifest: caches of per-sample results (features) key on it, so a
+    re-prepared dataset never reuses a stale cache.
+    """
+
+    root: Path
+    split: str
+    shard_paths: Tuple[Path, ...]
+    shard_sizes: Tuple[int, ...]
+    num_samples: int
+    num_classes: int
+    class_names: Tuple[str, ...]
+    has_clean: bool
+    fingerprint: str
+    manifest: Mapping[str, Any] = field(repr=False, compare=False, hash=False)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_paths)
+
+    @property
+    def shard_names(self) -> Tuple[str, ...]:
+        return tuple(p.name for p in self.shard_paths)
+
+
+# Upper bounds on the metadata files, checked with a stat before they are read: every rank reads
+# them, and a runaway (or hostile) file must not take the memory of a node. Measured on manifests
+# built with the fields and the indentation `turnctl prepare` writes: WebVision 1.0 (2.4M images,
+# 1000 classes, 1000 skipped files) at the default --shard-size is 0.46 MB of manifest and 13 KB of
+# sizes.json (1.3 MB / 0.13 MB at --shard-size 500); the largest realistic manifest is a 1000-class
+# dataset with known true labels, whose 1000 x 1000 noise transition matrix makes it 14 MB. About
+# 10x that, and 100x WebVision's sizes.json at --shard-size 500:
+MAX_MANIFEST_BYTES = 128 << 20
+MAX_SIZES_BYTES = 16 << 20
+
+_Count = Field(strict=True, ge=0)
+
+
+class _Meta(BaseModel):
+    # Only the fields the reader relies on are typed; prepare's other keys (noise, options, the
+    # per-class tables, ...) pass through untouched, so newer manifests stay readable.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _ShardMeta(_Meta):
+    count: int = _Count
+    split: str
+    bytes: Optional[int] = _Count  # absent in older manifests: no size check
+    sha256: Optional[str] = None
+
+
+class _SplitMeta(_Meta):
+    count: Optional[int] = _Count
+    # The list of shard names, or (older manifests) just their number.
+    shards: Any = None
+    has_clean: bool = False
+
+    @field_validator("shards")
+    @classmethod
+    def _names_or_number(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        if isinstance(v, list) and all(isinstance(n, str) for n in v):
+            return v
+        raise ValueError(f"expected a list of shard file names or their number, got {_shown(v)}")
+
+
+class _Manifest(_Meta):
+    format: Optional[str] = None
+    num_classes: int = Field(strict=True, ge=1)
+    class_names: Optional[List[str]] = None
+    splits: Dict[str, _SplitMeta]
+    shards: Dict[str, _ShardMeta]
+
+
+_SIZES = TypeAdapter(Dict[str, Annotated[int, _Count]])
+
+_EXPECTED = {
+    "int_type": "expected an integer", "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer", "string_type": "expected a string",
+    "bool_type": "expected true or false", "dict_type": "expected a JSON object",
+    "model_type": "expected a JSON object", "model_attributes_type": "expected a JSON object",
+    "list_type": "expected a list",
+}
+
+
+def _shown(v: Any) -> str:
+    """A JSON value as a message shows it: scalars as values, containers by their kind."""
+    if isinstance(v, dict):
+        return "an object"
+    if isinstance(v, list):
+        return "a list"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _schema_error(path: Path, exc: ValidationError) -> DataError:
+    """The first problem of a ValidationError as one line: the file, the field path, what was wrong."""
+    errors = exc.errors(include_url=False)
+    e = errors[0]
+    where = ".".join(str(p) for p in e["loc"])
+    kind = e["type"]
+    if kind == "missing":
+        what = "missing"
+    elif kind == "greater_than_equal":
+        what = f"expected an integer >= {e['ctx']['ge']}, got {_shown(e['input'])}"
+    elif kind in _EXPECTED:
+        what = f"{_EXPECTED[kind]}, got {_shown(e['input'])}"
+    else:
+        what = str(e["msg"]).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return DataError(f"{path}: {where + ': ' if where else ''}{what}{more}; this is not the file "
+                     "`turnctl prepare` wrote: re-run it (with --overwrite)")
+
+
+def _read_json(path: Path, what: str, limit: int) -> Any:
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise DataError(f"{path}: {size:,} bytes, more than the {limit:,} a {what} may have; this is "
+                            "not the file `turnctl prepare` wrote: re-run it (with --overwrite)")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # bounded even if the file grows after the stat
+    except OSError as exn:
+        raise DataError(f"{path}: cannot read {what} ({exn.strerror or exn})")
+    if len(data) > limit:
+        raise DataError(f"{path}: more than the {limit:,} bytes a {what} may have")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exn:  # RecursionError: absurdly deep nesting
+        raise DataError(f"{path}: {what} is not valid JSON ({exn}); re-run `turnctl prepare`")
+
+
+def read_manifest(path: Path) -> Dict[str, Any]:
+    """``manifest.json`` as a dict, its schema checked (DataError naming the field otherwise)."""
+    raw = _read_json(path, "manifest.json", MAX_MANIFEST_BYTES)
+    try:
+        _Manifest.model_validate(raw)
+    except ValidationError as exn:
+        raise _schema_error(path, exn) from None
+    return raw
+
+
+def read_sizes(path: Path) -> Dict[str, int]:
+    """``sizes.json``: shard file name -> number of samples (non-negative integers)."""
+    raw = _read_json(path, "sizes.json", MAX_SIZES_BYTES)
+    try:
+        return _SIZES.validate_python(raw)
+    except ValidationError as exn:
+        raise _schema_error(path, exn) from None
+
+
+def _check_shard_name(root: Path, mpath: Path, name: str) -> None:
+    """A shard name from the manifest must name a file directly inside ``root``.
+
+    The manifest travels with the data (downloaded, copied from a colleague); a name such as
+    ``/etc/hostname`` or ``../../x.tar`` would make every rank open a file outside the dataset.
+    The check is on the name only: a shard that is a symlink (a dataset spread over disks) is the
+    owner's choice and is followed.
+    """
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    plain = (name not in ("", ".", "..") and "\0" not in name and not any(c in name for c in seps)
+             and not os.path.isabs(name))
+    if plain:
+        joined = os.path.normpath(os.path.join(os.path.abspath(root), name))
+        plain = os.path.dirname(joined) == os.path.normpath(os.path.abspath(root))
+    if not plain:
+        raise DataError(f"{mpath}: shard name {name!r} is not a plain file name inside {root} (no path "
+                        "separator, no '..', not absolute); this is not a manifest `turnctl prepare` wrote")
+
+
+def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> SplitInfo:
+    """Read and check ``manifest.json`` / ``sizes.json`` of a prepared dataset for ``split``.
+
+    Everything that can be checked without reading the shards is checked here, before any training
+    starts: the manifest exists (it is written last, so its absence means ``prepare`` was
+    interrupted or ``root`` is not a prepared dataset), the split exists, every shard file exists,
+    and ``sizes.json`` agrees with the manifest. ``verify=True`` also hashes every shard against the
+    manifest's sha256 (reads the whole split: slow on large datasets).
+
+    >>> info = open_split("shards/digits", "train")          # doctest: +SKIP
+    >>> info.num_samples, info.num_shards, info.fingerprint[:12]  # doctest: +SKIP
+    (1437, 3, '5c1f0e9a27d4')
+    """
+    root = Path(root)
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        if not root.is_dir():
+            raise DataError(f"{root}: no such directory; pass the directory `turnctl prepare` wrote")
+        raise DataError(
+            f"{root}: no manifest.json; either `turnctl prepare` was interrupted (the manifest is "
+            f"written last; re-run it with --overwrite) or this is not a prepared dataset directory"
+        )
+    manifest = read_manifest(mpath)  # types checked: below, every field has its documented type
+    for name in manifest["shards"]:
+        _check_shard_name(root, mpath, name)
+    for smeta in manifest["splits"].values():
+        if isinstance(smeta.get("shards"), list):
+            for name in smeta["shards"]:
+                _check_shard_name(root, mpath, name)
+    fmt = manifest.get("format")
+    if fmt is not None and fmt != FORMAT:
+        raise DataError(f"{mpath}: format {fmt!r}, this turnctl reads {FORMAT!r}")
+    splits = manifest.get("splits") or {}
+    if split not in splits:
+        raise DataError(
+            f"{root}: no split {split!r} in the manifest (available: {', '.join(sorted(splits)) or 'none'})"
+        )
+    sdesc = splits[split]
+    shards_meta = manifest.get("shards") or {}
+    names = sorted(n for n, m in shards_meta.items() if m.get("split") == split)
+    listed = sdesc.get("shards")
+    # splits.<split>.shards may be the list of names or just their number: accept both, check both.
+    if isinstance(listed, list) and sorted(listed) != names:
+        raise DataError(f"{mpath}: splits.{split}.shards does not match the shards recorded for {split!r}")
+    if isinstance(listed, int) and listed != len(names):
+        raise DataError(f"{mpath}: splits.{split}.shards says {listed}, {len(names)} are recorded")
+    spath = root / "sizes.json"
+    if not spath.is_file():
+        raise DataError(f"{root}: sizes.json is missing; re-run `turnctl prepare` with --overwrite")
+    sizes = read_sizes(spath)
+    paths, counts = [], []
+    for name in names:
+        p = root / name
+        if not p.is_file():
+            raise DataError(f"{p}: shard listed in manifest.json is missing; re-run `turnctl prepare`")
+        want_bytes = shards_meta[name].get("bytes")  # absent in older manifests: no check
+        have_bytes = p.stat().st_size
+        if want_bytes is not None and have_bytes != want_bytes:
+            raise DataError(f"{p}: {have_bytes} bytes but manifest.json says {want_bytes}; the shard is "
+                            "truncated or replaced (an interrupted copy?); copy it again or re-run `turnctl prepare`")
+        if name not in sizes:
+            raise DataError(f"{spath}: no entry for {name}")
+        if sizes[name] != shards_meta[name]["count"]:
+            raise DataError(
+                f"{spath}: {name} holds {sizes[name]} samples but manifest.json says "
+                f"{shards_meta[name]['count']}; the dataset directory is inconsistent, re-prepare it"
+            )
+        paths.append(p)
+        counts.append(sizes[name])
+    total = sum(counts)
+    if sdesc.get("count") is not None and sdesc["count"] != total:
+        raise DataError(f"{mpath}: split {split!r} count {sdesc['count']} != {total} (sum over its shards)")
+    if verify:
+        for name, p in zip(names, paths):
+            want = shards_meta[name].get("sha256")
+            if want and sha256_file(p) != want:
+                raise DataError(f"{p}: sha256 differs from manifest.json; the shard is corrupt or replaced")
+    h = hashlib.sha256(f"{FORMAT}\n{split}\n".encode())
+    for name, n in zip(names, counts):
+        h.update(f"{name} {n} {shards_meta[name].get('sha256', '')}\n".encode())
+    num_classes = manifest["num_classes"]
+    class_names = tuple(str(c) for c in (manifest.get("class_names") or range(num_classes)))
+    if len(class_names) != num_classes:
+        raise DataError(f"{mpath}: num_classes / class_names missing or inconsistent")
+    return SplitInfo(
+        root=root, split=split, shard_paths=tuple(paths), shard_sizes=tuple(counts),
+        num_samples=total, num_classes=num_classes, class_names=class_names,
+        has_clean=bool(sdesc.get("has_clean", False)), fingerprint=h.hexdigest(), manifest=manifest,
+    )
+
+
+def sha256_file(path: Path) -> str:
+    """The shard hash recorded in the manifest (prepare hashes as it writes; ``verify=True`` rereads)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,92 @@
+"""The ``key`` column of a report: each sample's ``__key__``, read back from the run's shards.
+
+A selection file stores idx, not keys; the keys come from the shards' ``idx`` and ``cls`` members
+(no image is decoded). The shards must still be the run's: a moved, missing or re-prepared dataset
+leaves the column empty with a warning saying why, never filled with another dataset's names.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from turnctl.data import iter_tar, open_split
+from turnctl.logger import printable_name
+from turnctl.report.selection import Selection
+
+
+def _read_idx_members(info: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """``(keys, given)`` per idx from the shards' ``idx`` and ``cls`` members only.
+
+    Images are skipped by seeking past them (turnctl.data.iter_tar with a suffix filter), so
+    this costs a header read per member, not a decode.
+    """
+    n = info.num_samples
+    keys = np.full(n, "", dtype=object)
+    given = np.full(n, -1, dtype=np.int64)
+
+    def flush(key, idx, cls):
+        if key is not None and idx is not None and 0 <= idx < n:
+            keys[idx] = key
+            if cls is not None:
+                given[idx] = cls
+
+    for shard in info.shard_paths:
+        # A sample's members are contiguous in a shard (webdataset's grouping rule), in any order.
+        key = idx = cls = None
+        with open(shard, "rb", buffering=1 << 20) as f:
+            for name, data in iter_tar(f, (".idx", ".cls")):
+                slash = name.rfind("/")
+                dot = name.find(".", slash + 1)  # webdataset's key rule, as turnctl.data.tar.group_samples
+                if dot <= slash + 1:
+                    continue
+                k, ext = name[:dot], name[dot + 1:].lower()
+                if k != key:
+                    flush(key, idx, cls)
+                    key, idx, cls = k, None, None
+                try:
+                    if ext == "idx":
+                        idx = int(data)
+                    elif ext == "cls":  # not clean.cls
+                        cls = int(data)
+                except ValueError:
+                    pass  # a malformed member: the reader counts such samples as corrupt
+        flush(key, idx, cls)
+    return keys, given
+
+
+def sample_keys(shards: Union[str, os.PathLike], *, split: str = "train") -> np.ndarray:
+    """The ``__key__`` of every sample of ``split``, indexed by idx ('' where a shard lacks it).
+
+    Raises :class:`~turnctl.errors.DataError` when the shards cannot be opened.
+
+    >>> sample_keys("shards/toy", split="train")[:2].tolist()     # doctest: +SKIP
+    ['train_000000', 'train_000001']
+    """
+    return _read_idx_members(open_split(shards, split))[0]
+
+
+def keys_for(sel: Selection) -> Tuple[np.ndarray, Optional[str]]:
+    """Keys for ``sel``'s samples (in its order), or all '' and a warning saying why."""
+    empty = np.full(sel.num_samples, "", dtype=object)
+    if sel.split_info is None:
+        return empty, (f"the run's shards cannot be read ({sel.shards_problem}); the key column is empty "
+                       "(pass --shards DIR if they moved)")
+    info = sel.split_info
+    if info.num_samples != sel.num_samples or sel.idx.min(initial=0) < 0 or sel.idx.max(initial=0) >= info.num_samples:
+        return empty, (f"{info.root}: split {info.split!r} holds {info.num_samples} samples, the selection "
+                       f"{sel.num_samples}; not the run's dataset, the key column is empty")
+    try:
+        keys, given = _read_idx_members(info)
+    except (OSError, ValueError, tarfile.TarError) as exn:
+        return empty, f"{info.root}: cannot read the shards ({type(exn).__name__}: {exn}); the key column is empty"
+    # Re-prepared data (another noise seed) would pair idx with other images: the labels tell.
+    differ = int((given[sel.idx] != sel.given).sum())
+    if differ:
+        return empty, (f"{info.root}: {differ} given label(s) differ from the run's; the shards were "
+                       "re-prepared since the run, so the key column is empty")
+    # Escaped here, not in sample_keys: the CSV, the summary and the terminal need text.
+    return np.array([printable_name(k) for k in keys[sel.idx]], dtype=object), None

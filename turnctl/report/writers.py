@@ -1,0 +1,88 @@
+"""Writing a report: ``report/label_issues.csv``, ``report/per_class.csv`` (and the plots) in the
+run directory, and the summary the CLI prints and ``--json`` emits.
+
+The numbers come from turnctl.report.tables; this module only formats them (names escaped by
+turnctl.logger.printable_name, empty cells for unknown values) and writes them atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from turnctl.logger import log, printable_name
+from turnctl.report.keys import keys_for
+from turnctl.report.plots import MAX_PLOT_CLASSES, check_matplotlib, plot_report
+from turnctl.report.selection import Run, as_selection
+from turnctl.report.tables import PER_CLASS_COLUMNS, health_summary, label_issues, per_class_table
+from turnctl.rundir import atomic_write_text
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return "True" if v else "False"
+    if isinstance(v, (float, np.floating)):
+        return "" if not math.isfinite(float(v)) else f"{float(v):.8g}"
+    return printable_name(str(v))
+
+
+def _csv_text(columns: Sequence[str], rows: Any) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for row in rows:
+        w.writerow([_cell(v) for v in row])
+    return buf.getvalue()
+
+
+
+def write_report(run: Run, *, epoch: Optional[int] = None, top: int = 10, plot: bool = False,
+                 shards: Optional[Union[str, os.PathLike]] = None,
+                 max_plot_classes: int = MAX_PLOT_CLASSES) -> Dict[str, Any]:
+    """Write ``report/label_issues.csv`` and ``report/per_class.csv`` (and with ``plot`` the PNGs of
+    :func:`plot_report`) into the run directory, atomically; return the summary.
+
+    The summary is :func:`health_summary` plus ``run_dir``, ``files`` (paths written), ``keys``
+    (whether the key column is filled), ``per_class`` (:func:`per_class_table`), ``top`` (the
+    ``top`` most severe flagged samples, as dicts) and ``warnings``. Writing to the same names for
+    every epoch is deliberate: ``report/`` holds the report last asked for, its epoch in the summary.
+
+    >>> s = write_report("runs/tiny-20260101-000000", top=5)         # doctest: +SKIP
+    >>> s["files"]["label_issues"], s["overall_label_health_score"]   # doctest: +SKIP
+    ('runs/tiny-20260101-000000/report/label_issues.csv', 0.70)
+    """
+    if plot:
+        check_matplotlib()  # before writing anything: no half report
+    sel = as_selection(run, epoch, shards)
+    warnings: List[str] = []
+    keys, warning = keys_for(sel)
+    if warning:
+        log.warning(warning)
+        warnings.append(warning)
+    issues = label_issues(sel, keys=keys)
+    table = per_class_table(sel)
+    summary = {"run_dir": str(sel.run_dir), **health_summary(sel)}
+    out = sel.run_dir / "report"
+    cols = list(issues)
+    files = {"label_issues": str(out / "label_issues.csv"), "per_class": str(out / "per_class.csv")}
+    atomic_write_text(out / "label_issues.csv",
+                      _csv_text(cols, zip(*(issues[c].tolist() for c in cols))))
+    pc_cols = [c for c in PER_CLASS_COLUMNS if c != "true_noise_rate" or sel.has_clean]
+    atomic_write_text(out / "per_class.csv", _csv_text(pc_cols, ([r[c] for c in pc_cols] for r in table)))
+    if plot:
+        files.update(plot_report(sel, max_classes=max_plot_classes))
+    flagged_rows = np.flatnonzero(issues["is_label_issue"])[:max(0, int(top))]
+    summary.update({
+        "files": files, "keys": warning is None, "per_class": table,
+        "top": [{c: issues[c][i].item() if hasattr(issues[c][i], "item") else issues[c][i] for c in cols}
+                for i in flagged_rows],
+        "warnings": warnings,
+    })
+    return summary
