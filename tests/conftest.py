@@ -1,14 +1,9 @@
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TURNCTL_NO_PROGRESS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CIFAR10_JPG = SHARED_DATA / "cifar10-jpg.tar.gz"

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import doctest
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
-import turnctl.cleanse as cleanse
 from turnctl.cleanse import balanced_subset, fit_reference_sklearn, select_clean
-from turnctl.cleanse import gmm, inputs, mixture, reference, select
+from turnctl.cleanse import gmm
 from turnctl.errors import DataError, TurnctlError
 
 TINY = (2, 3, 5)  # sizes of the tiny classes appended to every synthetic set
@@ -411,13 +408,3 @@ def test_balanced_subset_bad_arguments():
         balanced_subset([True], [0], num_classes=1, losses=[0.0], fallback_k=0)
     with pytest.raises(ValueError, match="keep"):
         balanced_subset([True, False], [0], num_classes=1, losses=[0.0])
-
-
-# ---- documentation ------------------------------------------------------------------------------
-
-def test_docstring_examples_run():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        results = [doctest.testmod(m, optionflags=doctest.ELLIPSIS)
-                   for m in (cleanse, gmm, inputs, mixture, reference, select)]
-    assert sum(r.attempted for r in results) >= 10 and sum(r.failed for r in results) == 0

@@ -9,7 +9,6 @@ from turnctl.losses import (
     cross_entropy,
     elr_regulariser,
     gce_loss,
-    loss_by_name,
     per_sample_ce,
 )
 
@@ -176,12 +175,3 @@ def test_elr_state_dict_round_trip_and_shape_check():
     with pytest.raises(ValueError, match="another dataset"):
         ELRTargets(5, 3, beta=0.9, lam=7.0).load_state_dict(a.state_dict())
 
-
-def test_loss_by_name_dispatches():
-    y = torch.tensor(Y)
-    assert float(loss_by_name("ce", t(LOGITS), y)) == pytest.approx(float(cross_entropy(t(LOGITS), y)))
-    assert float(loss_by_name("gce", t(LOGITS), y, q=0.5)) == pytest.approx(float(gce_loss(t(LOGITS), y, q=0.5)))
-    with pytest.raises(ValueError, match="ELRTargets"):
-        loss_by_name("elr", t(LOGITS), y)
-    with pytest.raises(ValueError, match="unknown loss"):
-        loss_by_name("mae", t(LOGITS), y)

@@ -681,18 +681,6 @@ def test_shard_bytes_equal_what_tarfile_writes(tmp_path):
     assert info["sha256"] == hashlib.sha256(buf.getvalue()).hexdigest() and info["count"] == 2
 
 
-def test_prepare_docstring_examples_run():
-    import doctest
-    import importlib
-
-    tried = 0
-    for name in ("noise", "source", "images", "writer", "labels", "arrays", "safeload", "pipeline"):
-        result = doctest.testmod(importlib.import_module(f"turnctl.prepare.{name}"))
-        assert result.failed == 0, name
-        tried += result.attempted
-    assert tried > 30
-
-
 def test_tiny_cifar_without_a_val_share_leaves_val_out(tmp_path):
     a = cifar_arrays(10, 9, 5, seed=3)  # 5% of 9 rounds to 0 val samples
     write_cifar10(tmp_path / "c", "binary", a)

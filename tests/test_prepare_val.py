@@ -213,12 +213,3 @@ def test_bmp_in_a_held_out_split_is_re_encoded_like_in_train(tmp_path):
     for s in held:
         ext = "png" if "png" in s else "jpg"
         assert s[ext] == by_key[s["__key__"]][ext]
-
-
-def test_valsplit_docstring_examples_run():
-    import doctest
-
-    from turnctl.prepare import valsplit
-
-    result = doctest.testmod(valsplit)
-    assert result.failed == 0 and result.attempted >= 2

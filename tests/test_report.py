@@ -272,6 +272,45 @@ def test_without_true_labels_there_is_no_true_label_column_nor_precision(tmp_pat
     assert "true_noise_rate" not in _read_csv(run_dir / "report" / "per_class.csv")[0]
 
 
+def test_held_out_samples_are_never_flagged_nor_counted_in_the_gmm_view(tmp_path, capsys):
+    """data.val_fraction holds train samples out: the GMM never sees them (the runner writes them
+    with clean_prob 0, not kept, ``heldout`` True). The report must not call them label issues,
+    count them in the noise estimates, or stretch the loss axis to their losses."""
+    from turnctl.report import load_selection
+
+    run_dir = _hand_run(tmp_path / "hand", epochs=(0,))
+    npz = run_dir / "selection" / "epoch_0.npz"
+    z = dict(np.load(npz))
+    held = np.zeros(10, bool)
+    held[[8, 9]] = True                      # class 1; 9's loss is above every loss the GMM saw
+    z["loss"][9] = 20.0
+    z["clean_prob"][held], z["keep"][held], z["selected"][held] = 0.0, False, False
+    np.savez(npz, **z, heldout=held)
+
+    assert cli_run(["report", str(run_dir), "--json", "--top", "10"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # flagged among the samples the GMM saw: 2 and 6 (8 and 9 were flagged before, held out now)
+    assert s["flagged"] == 2 and sorted(t["idx"] for t in s["top"]) == [2, 6]
+    assert (s["held_out"], s["undecodable"]) == (2, 1)
+    c0, c1 = s["per_class"]
+    assert (c1["size"], c1["held_out"], c1["kept"], c1["flagged"]) == (5, 2, 2, 1)
+    assert c1["kept"] + c1["flagged"] + c1["undecodable"] + c1["held_out"] == c1["size"]
+    assert c1["noise_rate_est"] == pytest.approx(1 - (0.99 + 0.0 + 0.8) / 3)
+    assert s["estimated_noise_rate"] == pytest.approx(1 - (0.9 + 0.95 + 0.1 + 0.7 + 0.99 + 0.0 + 0.8) / 7, rel=1e-6)
+    # precision / recall over the known samples the GMM saw: 0, 1, 2, 3, 5, 6, 7 (8 was known, held out)
+    assert (s["quality"]["known"], s["quality"]["flagged"], s["quality"]["true_positives"]) == (7, 2, 2)
+    header, rows = _read_csv(run_dir / "report" / "label_issues.csv")
+    by_idx = {int(r[0]): dict(zip(header, r)) for r in rows}
+    for i in (8, 9):
+        assert by_idx[i]["is_label_issue"] == "False" and by_idx[i]["label_score"] == ""
+        assert by_idx[i]["predicted_label"] == "0" and by_idx[i]["loss"] != ""  # the model did see them
+    assert [int(r[0]) for r in rows][-3:] == [9, 8, 4]  # unseen by the GMM: last
+    assert "held_out" in _read_csv(run_dir / "report" / "per_class.csv")[0]
+    # The loss axis is the GMM's: min-max over the samples it saw, not the held-out 20.0.
+    x, lo, hi = load_selection(run_dir).normalised_loss()
+    assert (lo, hi) == pytest.approx((0.05, 3.0)) and np.isnan(x[[4, 8, 9]]).all()
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     assert cli_run(["report", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in _one_error_line(capsys)

@@ -17,6 +17,10 @@ from typing import List, Optional
 import click
 
 from turnctl import __version__
+from turnctl.commands import (
+    compare as compare_cmd, env as env_cmd, eval as eval_cmd, prepare as prepare_cmd, report as report_cmd,
+    train as train_cmd,
+)
 from turnctl.distributed import describe_collective_failure, destroy, env_rank, env_world_size
 from turnctl.errors import TurnctlError
 from turnctl.logger import setup_logging
@@ -45,20 +49,8 @@ def cli(local_rank: Optional[int], verbose: bool) -> None:
     setup_logging(verbose)
 
 
-def _register() -> None:
-    from turnctl.commands import env, eval as eval_cmd, prepare, train
-
-    for mod in (prepare, train, eval_cmd, env):
-        cli.add_command(mod.command)
-    for optional in ("compare", "report"):
-        try:
-            mod = __import__(f"turnctl.commands.{optional}", fromlist=["command"])
-        except ModuleNotFoundError:
-            continue
-        cli.add_command(mod.command)
-
-
-_register()
+for _mod in (prepare_cmd, train_cmd, eval_cmd, compare_cmd, report_cmd, env_cmd):
+    cli.add_command(_mod.command)
 
 
 def _say_error(prefix: str, message: str) -> None:

@@ -440,17 +440,6 @@ def gather_by_idx(
     return out if mine else None
 
 
-def shares(num_items: int, parts: int) -> Sequence[range]:
-    """Split ``range(num_items)`` into ``parts`` contiguous, near-equal ranges."""
-    base, extra = divmod(num_items, parts)
-    out, start = [], 0
-    for p in range(parts):
-        stop = start + base + (1 if p < extra else 0)
-        out.append(range(start, stop))
-        start = stop
-    return out
-
-
 def host_info() -> Dict[str, Any]:
     return {"rank": env_rank(), "local_rank": env_local_rank(), "pid": os.getpid(),
             "host": socket.gethostname()}
@@ -467,9 +456,3 @@ def set_seed(seed: int, *, per_rank: bool = True) -> int:
     np.random.seed(s % (2**32))
     torch.manual_seed(s)
     return s
-
-
-def describe_world() -> Optional[str]:
-    if env_world_size() <= 1:
-        return None
-    return f"rank {env_rank()}/{env_world_size()} (local {env_local_rank()})"

@@ -20,14 +20,16 @@ from turnctl.errors import TurnctlError
 from turnctl.lockstep import per_sample_pass
 from turnctl.metrics import accuracy_report
 from turnctl.data import open_split
+from turnctl.models.exportdir import META_FILE
+from turnctl.rundir import LATEST, RECIPE_FILE, RunLayout
 
 
 def _is_export(path: Path) -> bool:
-    return (path / "turnctl.json").is_file()
+    return (path / META_FILE).is_file()
 
 
 def _is_ds_checkpoint(path: Path) -> bool:
-    return (path / "latest").is_file() or any(path.glob("*model_states.pt"))
+    return (path / LATEST).is_file() or any(path.glob("*model_states.pt"))
 
 
 def resolve_targets(checkpoint: Path) -> List[Tuple[str, Path]]:
@@ -37,12 +39,14 @@ def resolve_targets(checkpoint: Path) -> List[Tuple[str, Path]]:
         raise TurnctlError(f"--checkpoint {p}: no such file or directory")
     if _is_export(p) or _is_ds_checkpoint(p):
         return [(p.name, p)]
-    if (p / "recipe.yaml").is_file():  # a run directory
-        targets = [(name, p / name) for name in ("best", "final") if _is_export(p / name)]
-        if not targets and (p / "checkpoints").is_dir():
-            targets = [("last", p / "checkpoints")]
+    run = RunLayout(p)
+    if run.is_run():
+        # final/ is the last epoch's model; without exports, the last checkpoint is.
+        targets = [(label, t) for label, t in (("best", run.best), ("last", run.final)) if _is_export(t)]
+        if not targets and run.checkpoints.is_dir():
+            targets = [("last", run.checkpoints)]
         if targets:
-            return [("last" if n == "final" else n, t) for n, t in targets]
+            return targets
     raise TurnctlError(f"--checkpoint {p}: not a run directory, an export (final/, best/) or a DeepSpeed "
                        "checkpoint directory")
 
@@ -54,22 +58,22 @@ def load_model(path: Path):
     if _is_export(path):
         model = load_exported(path)
         meta: Dict[str, Any] = {}
-        run_recipe = path.parent / "recipe.yaml"  # <run>/final or <run>/best: the run says which data
-        if run_recipe.is_file():
+        run = RunLayout(path.parent)  # <run>/final or <run>/best: the run says which data
+        if run.is_run():
             from turnctl.recipe import load_recipe
 
-            meta["shards"] = load_recipe(str(run_recipe)).data.shards
+            meta["shards"] = load_recipe(str(run.recipe_file)).data.shards
         return model, meta
     # DeepSpeed checkpoint: <run>/checkpoints[/epoch_E]
-    ckpt_root = path if (path / "latest").is_file() else path.parent
+    ckpt_root = path if (path / LATEST).is_file() else path.parent
     tag = None if ckpt_root == path else path.name
-    run_dir = ckpt_root.parent
-    if not (run_dir / "recipe.yaml").is_file():
-        raise TurnctlError(f"--checkpoint {path}: cannot find the run's recipe.yaml at {run_dir}")
+    run = RunLayout(ckpt_root.parent)
+    if not run.is_run():
+        raise TurnctlError(f"--checkpoint {path}: cannot find the run's {RECIPE_FILE} at {run.path}")
     from turnctl.recipe import load_recipe
     from turnctl.safeload import safe_zero_to_fp32
 
-    recipe = load_recipe(str(run_dir / "recipe.yaml"))
+    recipe = load_recipe(str(run.recipe_file))
     info = open_split(recipe.data.shards, recipe.data.train_split)
     model = load_backbone(recipe.model, num_classes=info.num_classes)
     # zero_to_fp32 reads with torch.load(weights_only=False); inside the block, weights_only=True.
@@ -113,7 +117,7 @@ def _best_provenance(run_dir: Path) -> Dict[str, Any]:
     import json
 
     try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads(RunLayout(run_dir).summary_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {"selected_on": "val"}
     if not isinstance(summary, dict):

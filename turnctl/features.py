@@ -33,6 +33,7 @@ from turnctl.errors import DataError
 from turnctl.lockstep import per_sample_pass
 from turnctl.logger import log
 from turnctl.data import SplitInfo
+from turnctl.rundir import RunLayout, atomic_path
 
 FEATURE_FORMAT = 1
 
@@ -123,7 +124,7 @@ def choose_cache_dir(cache_dir: Optional[str], shards: str, run_dir: Path) -> Ca
     why = unwritable(default)
     if why is None:
         return CachePlan(default)
-    fallback = Path(run_dir) / "features-cache"
+    fallback = RunLayout(run_dir).features_cache
     why_not = unwritable(fallback)
     if why_not is not None:
         raise DataError(f"{fallback}: cannot write the feature cache ({why_not}), nor in {default} ({why}); "
@@ -147,20 +148,14 @@ def _save(fs: FeatureSet, path: Path, key: str, info: SplitInfo) -> bool:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     made_dir = not path.parent.is_dir()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": fs.features.contiguous(), "labels": fs.labels, "clean": fs.clean,
-                   "ok": fs.ok.to(torch.uint8)}, str(tmp),
-                  metadata={"key": key, "split": info.split, "num_samples": str(info.num_samples),
-                            "turnctl": __version__})
-        with open(tmp, "rb") as f:  # the data on disk before the name says the file is complete
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:  # a signal or a bug too: no stray temporary, then re-raised
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        with atomic_path(path) as tmp:
+            save_file({"features": fs.features.contiguous(), "labels": fs.labels, "clean": fs.clean,
+                       "ok": fs.ok.to(torch.uint8)}, str(tmp),
+                      metadata={"key": key, "split": info.split, "num_samples": str(info.num_samples),
+                                "turnctl": __version__})
+    except BaseException as exc:  # a signal or a bug too: no stray temporary (atomic_path), then re-raised
         if made_dir:
             with contextlib.suppress(OSError):
                 path.parent.rmdir()

@@ -38,6 +38,7 @@ from turnctl.errors import TurnctlError
 from turnctl.lockstep import per_sample_pass
 from turnctl.logger import log, track
 from turnctl.recipe import Recipe
+from turnctl.rundir import CHECKPOINT_TAG, LATEST
 from turnctl.schedule import lr_at
 from turnctl.data import SplitInfo, train_loader
 
@@ -286,11 +287,11 @@ class FineTuner:
                 atomic_write_json(target, {
                     "tag": tag, "global_step": self.global_step, "world_size": self.world,
                     "zero_stage": int(self.ds_config["zero_optimization"]["stage"]), "time": time.time()})
-                target = root / "latest"
+                target = root / LATEST
                 atomic_write_text(target, tag)
             except BaseException as exc:
                 _discard_incomplete(tag_dir)
-                for leftover in root.glob(".latest.tmp-*"):
+                for leftover in root.glob(f".{LATEST}.tmp-*"):
                     _unlink_quietly(leftover)
                 _raise_as_write_error(exc, target, write_error)
                 raise
@@ -353,8 +354,6 @@ class FineTuner:
 
 
 COMPLETE = "COMPLETE"  # written into a checkpoint tag once every rank's files are on disk
-# The tags runner.py writes: epoch_E, and epoch_E_step_S for a checkpoint taken mid-epoch.
-_TAG_NAME = re.compile(r"epoch_\d+(_step_\d+)?")
 # What a tag directory holds: DeepSpeed's per-rank *_states.pt, the ELR targets (*.pt), COMPLETE, and
 # the temporary names of turnctl's atomic writes.
 _TAG_FILE = re.compile(r"[\w.-]+\.pt|COMPLETE|\.[\w.-]+\.tmp-\d+")
@@ -363,10 +362,10 @@ _warned_foreign: set = set()
 
 def is_own_checkpoint_dir(path: Path) -> bool:
     """Whether ``path`` is a checkpoint tag directory turnctl wrote, and so may be deleted: a real
-    directory (not a symbolic link) named as runner.py names tags, holding only regular files of the
-    names DeepSpeed and turnctl write there."""
+    directory (not a symbolic link) named as turnctl.rundir.checkpoint_tag names tags, holding only
+    regular files of the names DeepSpeed and turnctl write there."""
     path = Path(path)
-    if path.is_symlink() or not path.is_dir() or not _TAG_NAME.fullmatch(path.name):
+    if path.is_symlink() or not path.is_dir() or not CHECKPOINT_TAG.fullmatch(path.name):
         return False
     try:
         entries = list(os.scandir(path))
@@ -425,7 +424,7 @@ def check_resumable(root: Path, *, world_size: int) -> Optional[str]:
     """The tag ``root/latest`` names, checked to be complete and written by ``world_size`` ranks.
 
     None when there is no checkpoint yet (the run stopped before its first one)."""
-    latest = Path(root) / "latest"
+    latest = Path(root) / LATEST
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()

@@ -169,28 +169,3 @@ class ELRTargets:
             )
         self.targets = t.to(device=self.targets.device, dtype=torch.float32).clone()
         self.beta, self.lam = float(state.get("beta", self.beta)), float(state.get("lam", self.lam))
-
-
-def elr_loss(logits: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, state: ELRTargets, *,
-             reduction: str = "mean") -> torch.Tensor:
-    """Functional spelling of ``state(logits, y, idx)`` (updates ``state`` in place)."""
-    return state(logits, y, idx, reduction=reduction)
-
-
-def loss_by_name(name: str, logits: torch.Tensor, y: torch.Tensor, *, q: float = 0.7,
-                 form: str = "literal", elr: Optional[ELRTargets] = None,
-                 idx: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
-    """Dispatch on a recipe's loss name (``ce`` | ``gce`` | ``elr``).
-
-    >>> float(loss_by_name("ce", torch.zeros(1, 2), torch.tensor([0]))) > 0
-    True
-    """
-    if name == "ce":
-        return cross_entropy(logits, y, reduction=reduction)
-    if name == "gce":
-        return gce_loss(logits, y, q=q, form=form, reduction=reduction)
-    if name == "elr":
-        if elr is None or idx is None:
-            raise ValueError("the elr loss needs an ELRTargets state and the batch's idx")
-        return elr(logits, y, idx, reduction=reduction)
-    raise ValueError(f"unknown loss {name!r} (expected ce, gce or elr)")

@@ -40,7 +40,7 @@ from turnctl.methods.registry import METHODS  # name -> steps, step-1 trainer, f
 from turnctl.metrics import accuracy_report, selection_quality
 from turnctl.preempt import Preempted, StopRequest
 from turnctl.recipe import Recipe
-from turnctl.rundir import RunDir, atomic_savez
+from turnctl.rundir import RunDir, checkpoint_tag
 from turnctl.data import SplitInfo, open_split
 
 
@@ -243,12 +243,11 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
                 best = {"score": score, "epoch": epoch, "test_accuracy": evals.get("test_accuracy"),
                         "val_accuracy": evals.get("val_accuracy")}
                 tuner.export(run.best, class_names=train.class_names)
-            tag = f"epoch_{epoch:04d}"
+            tag = checkpoint_tag(epoch)
             if elr is not None:  # before the engine's checkpoint: a `latest` tag always has its targets
                 elr.save(run.checkpoints / tag)
             tuner.save_checkpoint(run.checkpoints, tag=tag, keep=recipe.output.keep_checkpoints,
-                                  client_state={"epoch": epoch + 1, "best": best, "history": run.history,
-                                                "recipe_digest": recipe.digest()})
+                                  client_state={"epoch": epoch + 1, "best": best, "history": run.history})
             if dist.rank() == 0:
                 log.info("epoch %d: loss %.4f, %s%s", epoch, stats["train_loss"],
                          " ".join(f"{k} {v:.4f}" for k, v in evals.items() if isinstance(v, float)),
@@ -279,13 +278,12 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
 def _save_midway(recipe: Recipe, run: RunDir, tuner, elr, epoch: int, stats, sel_stats, best) -> None:
     """A signal stopped ``epoch`` at an optimizer-step boundary: checkpoint there and exit."""
     step = int(stats["interrupted_at_step"])
-    tag = f"epoch_{epoch:04d}_step_{step:06d}"
+    tag = checkpoint_tag(epoch, step)
     if elr is not None:
         elr.save(run.checkpoints / tag)
     tuner.save_checkpoint(run.checkpoints, tag=tag, keep=recipe.output.keep_checkpoints,
                           client_state={"epoch": epoch, "step": step, "partial": stats["partial"],
-                                        "selection": sel_stats, "best": best, "history": run.history,
-                                        "recipe_digest": recipe.digest()})
+                                        "selection": sel_stats, "best": best, "history": run.history})
     raise Preempted(f"stopped by a signal at fine-tuning epoch {epoch}, micro-step {step} of {stats['steps']}; "
                     f"checkpoint {tag} written; continue with --resume --out {run.path}")
 
@@ -297,8 +295,8 @@ def _saved_selection(run: RunDir, epoch: int) -> np.ndarray:
         if not path.is_file():
             raise DataError(f"{path}: missing; the checkpoint was written inside epoch {epoch}, whose "
                             "selection it needs to continue")
-        with np.load(path, allow_pickle=False) as z:
-            return z["idx"][z["selected"].astype(bool)].astype(np.int64)
+        f = run.load_selection(epoch, arrays=("idx", "selected"))
+        return f.idx[f.selected]
 
     return dist.run_on_main(read, what=f"reading the selection of epoch {epoch}")
 
@@ -368,7 +366,7 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
             state = dict(out["state"])
             if mean is not None:  # the saved model takes standardised features
                 state["standardize"] = {"mean": mean, "std": std}
-            _save_torch(run.path / "method_state.pt", {"method": step1, **state})
+            run.save_method_state({"method": step1, **state})
         for line in history:
             run.log_metrics({"phase": "lp", **line})
         # Undecodable images got zero features and were left out: say how many, per split.
@@ -409,15 +407,6 @@ def train_step1(recipe: Recipe, features: torch.Tensor, *, labels, clean, idx, e
     out = spec.trainer(r, features, labels, num_classes=num_classes, eval_sets=eval_sets, clean=clean, idx=idx,
                        as_turn_step1=spec.family == "turn")
     return {**out, "lr": lr}
-
-
-def _save_torch(path, obj) -> None:
-    """torch.save to a temporary name, then rename (rank 0's files are never half-written)."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _finish_lp(recipe, run, backbone, probe_out, result, t_start) -> Dict[str, Any]:
@@ -471,11 +460,10 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
             name = train.class_names[cls_id] if cls_id < len(train.class_names) else cls_id
             log.warning("epoch %d: class %s kept fewer than %d samples; using its %d lowest-loss samples",
                         epoch, name, c.min_per_class, c.fallback_k)
-        atomic_savez(run.selection_file(epoch), idx=out["idx"], loss=out["loss"].astype(np.float32),
-                     clean_prob=sel.clean_prob.astype(np.float32), selected=sub.selected, keep=sel.keep,
-                     given=given, clean=clean, pred=out["pred"].astype(np.int64), ok=ok,
-                     means=sel.means, variances=sel.variances, weights=sel.weights,
-                     heldout=holdout if holdout is not None else np.zeros(len(ok), dtype=bool))
+        arrays = dict(idx=out["idx"], loss=out["loss"], clean_prob=sel.clean_prob, selected=sub.selected,
+                      keep=sel.keep, given=given, clean=clean, pred=out["pred"], ok=ok, means=sel.means,
+                      variances=sel.variances, weights=sel.weights)
+        run.save_selection(epoch, arrays if holdout is None else {**arrays, "heldout": holdout})
         stats = {"kept": int(sel.keep.sum()), "selected": int(sub.selected.sum()), "undecodable": int((~ok).sum()),
                  "n_per_class": int(sub.n_per_class), "fallback_classes": [int(x) for x in sub.fallback_classes],
                  "train_acc_given": float((out["pred"] == given)[usable].mean()) if usable.any() else None}

@@ -30,6 +30,8 @@ def _overview(s: Dict[str, Any]) -> Table:
     t.add_row("samples", str(s["num_samples"]))
     if s["undecodable"]:
         t.add_row("undecodable (never flagged)", str(s["undecodable"]))
+    if s.get("held_out"):
+        t.add_row("held out for validation (never flagged)", str(s["held_out"]))
     t.add_row(f"kept by the GMM (p(clean) > {s['tau']:g})", str(s["kept"]))
     t.add_row("flagged as label issues", str(s["flagged"]))
     t.add_row("selected (balanced subset)", str(s["selected"]))

@@ -39,7 +39,6 @@ with exactly the targets an uninterrupted one would have.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
@@ -49,6 +48,7 @@ from turnctl import distributed as dist
 from turnctl.errors import DistributedError, TurnctlError
 from turnctl.losses import ELR_CLAMP, ELRTargets, elr_regulariser, gce_loss, per_sample_ce
 from turnctl.recipe import LossSection
+from turnctl.rundir import atomic_path
 from turnctl.safeload import torch_load
 
 ELR_FILE = "elr_targets.pt"
@@ -157,11 +157,8 @@ class SyncedELR(ELRTargets):
         """Rank 0 writes ``tag_dir/elr_targets.pt`` (temp name, then rename); others do nothing."""
         if dist.rank() != 0:
             return
-        tag_dir = Path(tag_dir)
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tag_dir / f".{ELR_FILE}.tmp-{os.getpid()}"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, tag_dir / ELR_FILE)
+        with atomic_path(Path(tag_dir) / ELR_FILE) as tmp:
+            torch.save(self.state_dict(), tmp)
 
     def load(self, tag_dir: Path) -> None:
         """Every rank reads ``tag_dir/elr_targets.pt`` (the checkpoint directory is shared, as

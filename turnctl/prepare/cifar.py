@@ -5,6 +5,7 @@ stratified 2,500 val (5% of every class, seed ``SPLIT_SEED``; their positions ar
 manifest); the official 10,000 test images are the test split. Keys keep the original position:
 ``train_01234`` is image 1234 of the official training order (whether it landed in train or val),
 ``test_00042`` image 42 of the test set, so CIFAR-N labels (indexed by that order) apply by key.
+With the dataset downloaded to ``data/cifar10`` (not in the test run, hence skipped)::
 
     >>> src = load_cifar(Path("data/cifar10"), dataset="cifar10")  # doctest: +SKIP
     >>> len(src.splits["train"]), len(src.splits["val"]), len(src.splits["test"])  # doctest: +SKIP

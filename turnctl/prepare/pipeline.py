@@ -1,7 +1,9 @@
 """``prepare_dataset``: raw layout -> :class:`Source` -> noisy labels -> shards -> manifest (last).
 
-    >>> r = prepare_dataset("digits", out="/tmp/digits-demo", noise="symmetric:0.6", overwrite=True)  # doctest: +SKIP
-    >>> r["manifest"]["splits"]["train"]["count"], r["manifest"]["noise"]["convention"]  # doctest: +SKIP
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     r = prepare_dataset("digits", out=f"{tmp}/digits", noise="symmetric:0.6", workers=1)
+    >>> r["manifest"]["splits"]["train"]["count"], r["manifest"]["noise"]["convention"]
     (1258, 'include')
 
 Noise is drawn once over train + val together (the same process for both, so val measures what
@@ -20,8 +22,6 @@ with ``--labels-verified``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime as _dt
 import errno
 import functools
 import multiprocessing
@@ -32,20 +32,18 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from turnctl import __version__
-from turnctl.data.format import FORMAT
 from turnctl.errors import DataError, TurnctlError
 from turnctl.logger import log, track
 from turnctl.prepare import images, noise as nz, valsplit
 from turnctl.prepare.labels import load_csv_labels, load_human_labels
-from turnctl.prepare.source import Source, Split
+from turnctl.prepare.manifest import Written, write_manifest
+from turnctl.prepare.source import NOISED_SPLITS, Source, Split
 from turnctl.prepare.writer import (
-    SplitWriter, WriteFailed, bytes_under, check_apart, check_out, commit_dir, discard, staging_dir, write_json,
+    SplitWriter, WriteFailed, bytes_under, check_apart, check_out, commit_dir, discard, staging_dir,
 )
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion-mnist", "clothing1m", "webvision", "imagefolder")
 DEFAULT_SHARD_SIZE = 5000
-NOISED_SPLITS = ("train", "val")
 FASHION_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
 _MIN_POOL_ITEMS = 256  # below this a process pool costs more than it saves
 
@@ -296,11 +294,6 @@ def apply_noise(source: Source, spec: nz.NoiseSpec, *, seed: int, labels_file: O
 
 # -- writing --------------------------------------------------------------------------------------
 
-# The manifest lists this many unreadable inputs per split at most (the count is always exact): a
-# dataset with a million broken files must not write a manifest that readers refuse as too large.
-MAX_SKIPPED_LISTED = 10_000
-
-
 def _readable(split: Split, *, max_side: Optional[int], pool: Any, skipped: List[Dict[str, str]]
               ) -> Iterator[Tuple[int, str, bytes]]:
     """(position, ext, bytes) of every readable image of ``split`` in order; unreadable ones are
@@ -341,70 +334,8 @@ def _write_split(split: Split, given: np.ndarray, directory: Path, *, shard_size
     return shards, np.asarray(kept, dtype=np.int64), skipped
 
 
-def _rate(true: np.ndarray, given: np.ndarray) -> Optional[float]:
-    r = nz.realised_rate(true, given)
-    return None if r is None else round(r, 6)
-
-
-def _split_record(split: Split, given: np.ndarray, kept: np.ndarray, shards: List[Dict[str, Any]],
-                  skipped: List[Dict[str, str]], *, num_classes: int, noised: bool) -> Dict[str, Any]:
-    g = given[kept]
-    c = None if split.clean is None else split.clean[kept]
-    known = np.zeros(len(g), bool) if c is None else c >= 0
-    return {
-        "count": int(len(g)),
-        "shards": [s["file"] for s in shards],
-        "per_class_given": np.bincount(g, minlength=num_classes).tolist(),
-        "per_class_clean": np.bincount(c[known], minlength=num_classes).tolist() if known.any() else None,
-        "has_clean": bool(known.any()),
-        "clean_known": int(known.sum()),
-        "noised": noised,
-        "realised_noise_rate": _rate(c[known], g[known]) if known.any() else None,
-        "skipped": {"count": len(skipped), "items": skipped[:MAX_SKIPPED_LISTED],
-                    "items_truncated": len(skipped) > MAX_SKIPPED_LISTED},
-    }
-
-
-def _noise_summary(record: Dict[str, Any], source: Source, given: Dict[str, np.ndarray],
-                   kept: Dict[str, np.ndarray]) -> Dict[str, Any]:
-    trues, gives, bases = [], [], []
-    for name in record["applies_to"] or [n for n in NOISED_SPLITS if n in source.splits]:
-        s, k = source.splits[name], kept[name]
-        bases.append(s.labels[k])
-        gives.append(given[name][k])
-        if s.clean is not None:
-            mask = s.clean[k] >= 0
-            trues.append((s.clean[k][mask], given[name][k][mask]))
-    out = dict(record)
-    if trues and sum(len(t) for t, _ in trues) > 0:
-        t = np.concatenate([a for a, _ in trues])
-        g = np.concatenate([b for _, b in trues])
-        out["realised_noise_rate"] = _rate(t, g)
-        out["transition_matrix"] = np.round(nz.transition_matrix(t, g, num_classes=source.num_classes), 6).tolist()
-        out["measured_on"] = int(len(t))
-    else:  # no true labels (WebVision): nothing to measure against
-        out["realised_noise_rate"] = None
-        out["transition_matrix"] = None
-        out["measured_on"] = 0
-    if bases:
-        out["changed_fraction"] = _rate(np.concatenate(bases), np.concatenate(gives))
-    return out
-
-
-@dataclasses.dataclass
-class _Written:
-    """One split as it went to disk: the samples in idx order, their given labels, shards, skips."""
-
-    split: Split
-    given: np.ndarray
-    kept: np.ndarray  # positions in ``split`` that were written (unreadable ones are skipped)
-    shards: List[Dict[str, Any]]
-    skipped: List[Dict[str, str]]
-    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # more fields for splits.<name>
-
-
 def _write_held_out(split: Split, given: np.ndarray, directory: Path, *, shard_size: int, max_side: Optional[int],
-                    pool: Any, val_fraction: float, holdout_seed: int, folded: int) -> List[_Written]:
+                    pool: Any, val_fraction: float, holdout_seed: int, folded: int) -> List[Written]:
     """Train and the val split held out of it (turnctl/prepare/valsplit.py)."""
     skipped: List[Dict[str, str]] = []
     readable = _readable(split, max_side=max_side, pool=pool, skipped=skipped)
@@ -414,17 +345,17 @@ def _write_held_out(split: Split, given: np.ndarray, directory: Path, *, shard_s
     every = lambda s: np.arange(len(s), dtype=np.int64)  # noqa: E731 - written in full, in order
     log.info("held out %d of %d train samples as val (--val-fraction %g, seed %d)", len(held.val),
              held.pool_count, val_fraction, holdout_seed)
-    return [_Written(held.train, held.given_train, every(held.train), held.train_shards, skipped,
+    return [Written(held.train, held.given_train, every(held.train), held.train_shards, skipped,
                      valsplit.train_fields(held)),
-            _Written(held.val, held.given_val, every(held.val), held.val_shards, [],
+            Written(held.val, held.given_val, every(held.val), held.val_shards, [],
                      valsplit.val_fields(fraction=val_fraction, seed=holdout_seed, folded=folded))]
 
 
 def _write_all(source: Source, given: Dict[str, np.ndarray], directory: Path, *, shard_size: int,
                max_side: Optional[int], workers: int, val_fraction: float, holdout_seed: int,
-               folded: int) -> Dict[str, _Written]:
+               folded: int) -> Dict[str, Written]:
     """Every split of ``source`` to ``directory``, in order (train's hold-out right after train)."""
-    out: Dict[str, _Written] = {}
+    out: Dict[str, Written] = {}
     total = max(len(s) for s in source.splits.values())
     with _pool(workers, total) as pool:
         for name, split in source.splits.items():
@@ -436,11 +367,12 @@ def _write_all(source: Source, given: Dict[str, np.ndarray], directory: Path, *,
                 continue
             shards, kept, skipped = _write_split(split, given[name], directory, shard_size=shard_size,
                                                  max_side=max_side, pool=pool)
-            out[name] = _Written(split, given[name], kept, shards, skipped)
+            out[name] = Written(split, given[name], kept, shards, skipped)
     return out
 
 
-# What each dataset's clean.cls is (the `prepare --help` text and the --labels-verified error).
+# What each dataset's clean.cls is, for the --labels-verified error (`prepare --help` says the same
+# in turnctl/commands/prepare.py).
 LABELS_HELP = {
     "digits": "its official labels, on every split",
     "cifar10": "its official labels, on every split (CIFAR-N files agree with them)",
@@ -496,39 +428,12 @@ def _prepare_into(partial: Path, dataset: str, root_path: Optional[Path], out_pa
                                 labels_file=Path(labels) if labels is not None else None, workers=workers)
     written = _write_all(source, given, partial, shard_size=shard_size, max_side=max_side, workers=workers,
                          val_fraction=val_fraction, holdout_seed=noise_seed, folded=folded)
-    if val_fraction > 0:  # the splits and labels as written: val now exists, held out of train
+    if val_fraction > 0:  # the noise record of the splits as written: val now exists, held out of train
         record = valsplit.noise_after_holdout(record)
-        source.splits = {name: w.split for name, w in written.items()}
-        given = {name: w.given for name, w in written.items()}
-    splits: Dict[str, Any] = {}
-    kept = {name: w.kept for name, w in written.items()}
-    shard_table: Dict[str, Any] = {}
-    sizes: Dict[str, int] = {}
-    for name, w in written.items():
-        splits[name] = _split_record(w.split, w.given, w.kept, w.shards, w.skipped,
-                                     num_classes=source.num_classes, noised=name in record["applies_to"])
-        splits[name].update(w.extra)
-        for s in w.shards:
-            shard_table[s["file"]] = {"sha256": s["sha256"], "bytes": s["bytes"], "count": s["count"],
-                                      "split": name}
-            sizes[s["file"]] = s["count"]
-    write_json(partial / "sizes.json", sizes)
-    manifest = {
-        "format": FORMAT,
-        "dataset": dataset,
-        "turnctl_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "sources": dict(source.info, root=None if root_path is None else str(root_path)),
-        "num_classes": source.num_classes,
-        "class_names": source.class_names,
-        "clean_labels": source.clean_labels,
-        "splits": splits,
-        "noise": _noise_summary(record, source, given, kept),
-        "options": {"shard_size": shard_size, "max_side": max_side, "val_fraction": val_fraction,
-                    "labels_verified": labels_verified},
-        "shards": shard_table,
-    }
-    write_json(partial / "manifest.json", manifest)  # last: its presence marks a complete dataset
+    splits, manifest, shard_table = write_manifest(
+        partial, written, dataset=dataset, source=source, root=root_path, noise=record,
+        options={"shard_size": shard_size, "max_side": max_side, "val_fraction": val_fraction,
+                 "labels_verified": labels_verified})
     commit_dir(partial, out_path, overwrite=overwrite)
     return splits, manifest, shard_table
 
@@ -554,9 +459,11 @@ def prepare_dataset(dataset: str, *, root: Optional[Union[str, Path]] = None, ou
     Returns ``{"out": path, "manifest": <manifest.json content>, "seconds": s, "images": n,
     "images_per_s": r}``. Raises :class:`DataError` / :class:`TurnctlError` with one-line messages.
 
-        >>> r = prepare_dataset("digits", noise="symmetric:0.6", out="/tmp/d", overwrite=True)  # doctest: +SKIP
-        >>> sorted(r["manifest"]["splits"])  # doctest: +SKIP
-        ['test', 'train', 'val']
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     r = prepare_dataset("digits", out=f"{tmp}/d", val_fraction=0.1, workers=1)
+        >>> sorted(r["manifest"]["splits"]), r["manifest"]["splits"]["val"]["held_out_from"]
+        (['test', 'train', 'val'], 'train')
     """
     t0 = time.perf_counter()
     val_fraction = _check_options(dataset, shard_size=shard_size, max_side=max_side, classes=classes,

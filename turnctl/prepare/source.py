@@ -16,6 +16,8 @@ import numpy as np
 from turnctl.errors import DataError
 
 SPLITS = ("train", "val", "test")
+# The splits that get label noise (one draw over both, in this order); the test split never does.
+NOISED_SPLITS = ("train", "val")
 # The held-out validation split never depends on --noise-seed: every noise setting of a dataset
 # is evaluated on the same samples.
 SPLIT_SEED = 0

@@ -24,6 +24,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from turnctl.errors import RecipeError
+from turnctl.logger import log
 from turnctl.methods.registry import METHODS
 from turnctl.recipe.overrides import apply_overrides, format_validation_error, refuse_unknown_keys
 from turnctl.recipe.sections import (
@@ -164,10 +165,34 @@ def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+# Keys turnctl no longer reads, with why. Every run's recipe.yaml holds the full resolved recipe,
+# so an older run would otherwise fail --resume and eval on an unknown key: these are dropped with
+# a notice instead of refused.
+RETIRED_KEYS = {
+    ("cleanse", "balance"): "the clean subset is always class-balanced",
+}
+
+
+def _drop_retired(raw: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """``raw`` without :data:`RETIRED_KEYS` (a copy when one is present), one notice per key.
+
+    >>> _drop_retired({"cleanse": {"tau": 0.5, "balance": True}}, "old.yaml")
+    {'cleanse': {'tau': 0.5}}
+    """
+    for (section, key), why in RETIRED_KEYS.items():
+        sub = raw.get(section)
+        if isinstance(sub, dict) and key in sub:
+            log.warning("recipe %s: '%s.%s' is no longer a setting and is ignored (%s); remove it",
+                        source, section, key, why)
+            raw = dict(raw, **{section: {k: v for k, v in sub.items() if k != key}})
+    return raw
+
+
 def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     """A raw mapping as a :class:`Recipe`, or one :class:`RecipeError` line naming ``source`` and the key."""
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {source}: top level must be a mapping, got {type(raw).__name__}")
+    raw = _drop_retired(raw, source)
     refuse_unknown_keys(raw, Recipe, source)
     try:
         return Recipe.model_validate(raw)

@@ -3,8 +3,8 @@
 Overrides are applied to the raw mapping *before* validation, so they are typed, range-checked and
 spell-checked exactly like the file:
 
->>> apply_overrides({"finetune": {"lr": 0.1}}, ["finetune.lr=0.001", "cleanse.balance=false"])
-{'finetune': {'lr': 0.001}, 'cleanse': {'balance': False}}
+>>> apply_overrides({"finetune": {"lr": 0.1}}, ["finetune.lr=0.001", "cleanse.redraw_each_epoch=false"])
+{'finetune': {'lr': 0.001}, 'cleanse': {'redraw_each_epoch': False}}
 """
 
 from __future__ import annotations

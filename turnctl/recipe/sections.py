@@ -164,7 +164,6 @@ class CleanseSection(Section):
     # A class keeping fewer than 2 samples falls back to its k lowest-loss samples (logged).
     min_per_class: int = Field(default=2, ge=1)
     fallback_k: int = Field(default=8, ge=1)
-    balance: bool = True
     # The paper cleanses every epoch, so the balanced subset is redrawn every epoch.
     redraw_each_epoch: bool = True
     seed: Optional[int] = None  # None: derived from the run seed and the epoch

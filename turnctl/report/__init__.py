@@ -1,9 +1,10 @@
 """Label-issue report of a TURN run: which training labels the per-class GMM calls wrong.
 
 Everything comes from the run directory (turnctl.rundir): ``selection/epoch_E.npz`` (written by
-``_cleanse`` in turnctl/runner.py at the start of every fine-tuning epoch), ``recipe.yaml`` (tau,
-normalisation, where the shards are) and, for the ``key`` column and class names, the train split's
-shards. The data is kept apart from its rendering:
+``_cleanse`` in turnctl/runner.py at the start of every fine-tuning epoch, with the cleanse settings
+it was made with: tau, normalisation; a file of an older turnctl takes them from ``recipe.yaml``),
+``recipe.yaml`` (where the shards are) and, for the ``key`` column and class names, the train
+split's shards. The data is kept apart from its rendering:
 
 * ``selection.py``: :func:`load_selection` -> a :class:`Selection` (one epoch's arrays + recipe);
 * ``keys.py``: the ``key`` column, read back from the shards (:func:`sample_keys`);
@@ -30,33 +31,36 @@ Definitions (the CSVs, the CLI and ``--json`` all use these)
 ------------------------------------------------------------
 * ``label_score`` = ``clean_prob``: the posterior of the low-loss (clean) mixture component of the
   sample's given class. Low = likely mislabelled.
-* ``is_label_issue`` = not kept by the GMM (``clean_prob <= tau``) AND decodable. Undecodable
-  samples (``ok`` False) never took part in the fit (their clean_prob is 0 by convention, not by
-  evidence), so they are not called label issues; their ``label_score`` and ``loss`` are NaN
-  (empty in the CSV) and ``predicted_label`` is -1. ``true_label`` is empty where unknown (-1 in the selection npz
+* ``is_label_issue`` = not kept by the GMM (``clean_prob <= tau``) AND seen by it: decodable and not
+  held out for validation. Undecodable samples (``ok`` False) and the train samples
+  ``data.val_fraction`` held out never took part in the fit (their clean_prob is 0 by convention,
+  not by evidence), so they are not called label issues, and come last; their ``label_score`` is
+  NaN (empty in the CSV). An undecodable sample's ``loss`` is NaN too and its ``predicted_label``
+  -1; a held-out one keeps both (the model did see its image). Per-class counts add a
+  ``held_out`` column (in per_class.csv only when the run held samples out). ``true_label`` is empty where unknown (-1 in the selection npz
   convention). Note: flagged is the GMM's decision, before the class-balanced subset draw, which
   drops clean samples too (``selected`` counts that).
 * Keys and class names come from file names; bytes in them that are not UTF-8 (a Latin-1
   ``caf\\xe9.jpg``) are written as ``\\xNN`` escapes (turnctl.logger.printable_name) in the CSVs, the table
   and the names of the JSON summary; its paths stay as they are (``os.fsencode`` gives the bytes back).
-* Severity order: decodable samples first, then ``label_score`` ascending, then ``loss``
+* Severity order: the samples the GMM saw first, then ``label_score`` ascending, then ``loss``
   descending (many noisy samples have a posterior that underflows to exactly 0; among those the
   higher loss is the more suspicious), then ``idx``.
 * Estimated noise rate of a class = the mean posterior of the noisy (high-mean) component over the
-  class's decodable samples, i.e. the expected fraction of wrong labels under the fitted mixture.
+  class's samples the GMM saw, i.e. the expected fraction of wrong labels under the fitted mixture.
   After EM converges this equals the mixture weight of the noisy component (M-step), and it is
   reported next to it; we use the posterior mean because it comes from the same final E-step as
   ``label_score`` and can therefore be checked from ``label_issues.csv`` alone:
-  ``1 - mean(label_score)`` over a class's decodable rows. Caveat: a two-component mixture splits
+  ``1 - mean(label_score)`` over a class's rows with a score. Caveat: a two-component mixture splits
   even a clean class, so on a nearly clean class this over-estimates the noise.
-* Label health score = 1 - estimated overall noise rate = mean ``label_score`` over decodable
-  samples (the size-weighted mean of the per-class rates). Like cleanlab's
+* Label health score = 1 - estimated overall noise rate = mean ``label_score`` over the samples
+  the GMM saw (the size-weighted mean of the per-class rates). Like cleanlab's
   ``overall_label_health_score``, 1 - the estimated fraction of wrong labels.
-* Flagged precision / recall, when true labels are known (samples with ``clean >= 0``, decodable):
+* Flagged precision / recall, when true labels are known (samples with ``clean >= 0`` the GMM saw):
   a real issue is ``given != true``; precision = real issues among the flagged / flagged, recall =
   real issues flagged / real issues.
 * Mixture means and variances are in the space the GMM saw: losses min-max normalised over the
-  split's decodable samples (``cleanse.normalize: minmax``, see turnctl.cleanse) or raw losses
+  samples the GMM saw (``cleanse.normalize: minmax``, see turnctl.cleanse) or raw losses
   (``none``). The plots use that axis too.
 """
 from __future__ import annotations

@@ -19,6 +19,7 @@ from turnctl.errors import TurnctlError
 from turnctl.logger import printable_name
 from turnctl.report.selection import Run, Selection, as_selection
 from turnctl.report.tables import epoch_history, per_class_table
+from turnctl.rundir import RunLayout, atomic_path
 
 # Classes shown in the histogram grid (and rows of the per-class table printed by the CLI).
 MAX_PLOT_CLASSES = 20
@@ -33,18 +34,12 @@ def check_matplotlib() -> None:
 
 
 def _atomic_savefig(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no stray temporary (as turnctl.rundir's writers)
-        raise
 
 
 def _plot_classes(sel: Selection, table: List[Dict[str, Any]], max_classes: int) -> Tuple[List[int], str]:
-    present = [r for r in table if r["size"] - r["undecodable"] > 0]
+    present = [r for r in table if r["size"] - r["undecodable"] - r["held_out"] > 0]
     if len(present) <= max_classes:
         return [r["class"] for r in present], f"all {len(present)} classes"
     # Too many to read: the noisiest ones are where a reader looks first.
@@ -72,7 +67,7 @@ def plot_report(run: Run, *, epoch: Optional[int] = None, max_classes: int = MAX
     """
     check_matplotlib()
     sel = as_selection(run, epoch)
-    out = Path(out_dir) if out_dir is not None else sel.run_dir / "report"
+    out = Path(out_dir) if out_dir is not None else RunLayout(sel.run_dir).report_dir
     files = {"loss_histograms": out / "loss_histograms.png", "selection_by_epoch": out / "selection_by_epoch.png"}
     _atomic_savefig(_histograms_figure(sel, max_classes), files["loss_histograms"])
     _atomic_savefig(_history_figure(sel), files["selection_by_epoch"])
@@ -98,7 +93,7 @@ def _histograms_figure(sel: Selection, max_classes: int) -> Any:
         ax.set_visible(False)
     for ax, c in zip(axes.ravel(), classes):
         row = table[c]
-        m = (sel.given == c) & sel.ok
+        m = (sel.given == c) & sel.usable
         xc = x[m]
         # Fine bins: a GMM component can be a few hundredths wide on the normalised axis.
         nbins = int(np.clip(3 * np.sqrt(xc.size), 30, 80))
@@ -151,7 +146,7 @@ def _histograms_figure(sel: Selection, max_classes: int) -> Any:
         ax.set_xlabel("normalised loss" if sel.normalize == "minmax" else "loss", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("samples per bin", fontsize=8)
-    axis = ("losses min-max normalised over the split, as the GMM saw them: "
+    axis = ("losses min-max normalised over the samples the GMM saw: "
             f"0 = loss {lo:.3g}, 1 = loss {hi:.3g}" if sel.normalize == "minmax" else "raw losses, as the GMM saw them")
     fig.suptitle(f"{printable_name(sel.run_dir.name)}: per-class loss histograms and fitted 2-component GMMs, "
                  f"fine-tuning epoch {sel.epoch}; {which}\n{axis}", fontsize=10)
@@ -172,7 +167,7 @@ def _history_figure(sel: Selection) -> Any:
     for k, color in (("kept", "tab:green"), ("selected", "tab:blue"), ("flagged", "tab:red")):
         ax.plot(ep, [h[k] for h in hist], marker="o", color=color, label={"kept": "kept (p(clean) > tau)",
                 "selected": "selected (balanced subset)", "flagged": "flagged"}[k])
-    ax.axhline(hist[-1]["decodable"], color="gray", ls=":", label="decodable samples")
+    ax.axhline(hist[-1]["fitted"], color="gray", ls=":", label="samples the GMM saw")
     ax.set_ylim(bottom=0)
     ax.set_title("samples per fine-tuning epoch", fontsize=10)
     ax.legend(fontsize=8)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -17,22 +16,24 @@ import numpy as np
 from turnctl.logger import log
 from turnctl.metrics import selection_quality
 from turnctl.report.keys import keys_for
-from turnctl.report.selection import Run, Selection, as_selection, read_arrays, selection_epochs
+from turnctl.report.selection import Run, Selection, as_selection
+from turnctl.rundir import RunLayout
 
 
 # cleanlab's names (Datalab.get_issues("label")) plus idx/key/loss; true_label only when known.
 LABEL_ISSUE_COLUMNS = ("idx", "key", "given_label", "predicted_label", "label_score", "is_label_issue", "loss")
-PER_CLASS_COLUMNS = ("class", "name", "size", "undecodable", "kept", "flagged", "selected", "noise_rate_est",
+PER_CLASS_COLUMNS = ("class", "name", "size", "undecodable", "held_out", "kept", "flagged", "selected", "noise_rate_est",
                      "true_noise_rate", "mean_clean", "mean_noisy", "var_clean", "var_noisy",
                      "weight_clean", "weight_noisy")
 
 
 def _severity_order(sel: Selection) -> np.ndarray:
-    score = np.where(sel.ok, sel.clean_prob, np.inf)
+    seen = sel.usable
+    score = np.where(seen, sel.clean_prob, np.inf)
     loss = np.where(sel.ok, sel.loss.astype(np.float64), 0.0)
     loss = np.where(np.isfinite(loss), loss, 0.0)
-    # lexsort: the LAST key is the primary one.
-    return np.lexsort((sel.idx, -loss, score, ~sel.ok))
+    # lexsort: the LAST key is the primary one. Samples the GMM did not see go last.
+    return np.lexsort((sel.idx, -loss, score, ~seen))
 
 
 def label_issues(run: Run, *, epoch: Optional[int] = None,
@@ -57,13 +58,13 @@ def label_issues(run: Run, *, epoch: Optional[int] = None,
     if keys.shape != (sel.num_samples,):
         raise ValueError(f"keys has shape {keys.shape}, expected ({sel.num_samples},)")
     o = _severity_order(sel)
-    ok = sel.ok[o]
+    ok, seen = sel.ok[o], sel.usable[o]
     cols: Dict[str, np.ndarray] = {
         "idx": sel.idx[o],
         "key": keys[o],
         "given_label": sel.given[o],
         "predicted_label": np.where(ok, sel.pred[o], -1),
-        "label_score": np.where(ok, sel.clean_prob[o], np.nan),
+        "label_score": np.where(seen, sel.clean_prob[o], np.nan),
         "is_label_issue": sel.flagged[o],
         "loss": np.where(ok, sel.loss[o].astype(np.float64), np.nan),
     }
@@ -80,9 +81,11 @@ def _f(v: float) -> Optional[float]:
 def per_class_table(run: Run, *, epoch: Optional[int] = None) -> List[Dict[str, Any]]:
     """One dict per class (keys: :data:`PER_CLASS_COLUMNS`; ``true_noise_rate`` None if unknown).
 
-    ``size`` counts every sample with that given label, undecodable ones included, so the sizes
-    sum to the split size (labels outside [0, C) excepted); ``kept + flagged + undecodable = size``.
-    Mixture parameters are None for a class without decodable samples.
+    ``size`` counts every sample with that given label, undecodable and held-out ones included, so
+    the sizes sum to the split size (labels outside [0, C) excepted); ``kept + flagged + undecodable
+    + held_out = size`` (``held_out``: decodable samples ``data.val_fraction`` held out for
+    validation, which the GMM never saw). Mixture parameters are None for a class the GMM saw no
+    sample of.
 
     >>> rows = per_class_table("runs/tiny-20260101-000000")         # doctest: +SKIP
     >>> rows[0]["name"], rows[0]["size"], round(rows[0]["noise_rate_est"], 3)   # doctest: +SKIP
@@ -98,16 +101,17 @@ def per_class_table(run: Run, *, epoch: Optional[int] = None) -> List[Dict[str, 
         m = mask & labelled
         return np.bincount(g[m], weights=None if weights is None else weights[m], minlength=C)
 
-    size, undecodable, valid = count(np.ones_like(sel.ok)), count(~sel.ok), count(sel.ok)
-    kept, flagged, selected = count(sel.keep & sel.ok), count(sel.flagged), count(sel.selected)
-    noisy_mass = count(sel.ok, 1.0 - sel.clean_prob)
+    size, undecodable, valid = count(np.ones_like(sel.ok)), count(~sel.ok), count(sel.usable)
+    held_out = count(sel.ok & sel.heldout)
+    kept, flagged, selected = count(sel.keep & sel.usable), count(sel.flagged), count(sel.selected)
+    noisy_mass = count(sel.usable, 1.0 - sel.clean_prob)
     known, wrong = count(sel.known), count(sel.known & (sel.given != sel.clean))
     rows = []
     for c in range(C):
         n = int(valid[c])
         rows.append({
             "class": c, "name": sel.class_names[c], "size": int(size[c]), "undecodable": int(undecodable[c]),
-            "kept": int(kept[c]), "flagged": int(flagged[c]), "selected": int(selected[c]),
+            "held_out": int(held_out[c]), "kept": int(kept[c]), "flagged": int(flagged[c]), "selected": int(selected[c]),
             "noise_rate_est": float(noisy_mass[c] / n) if n else None,
             "true_noise_rate": float(wrong[c] / known[c]) if known[c] else None,
             "mean_clean": _f(sel.means[c, 0]), "mean_noisy": _f(sel.means[c, 1]),
@@ -121,7 +125,8 @@ def per_class_table(run: Run, *, epoch: Optional[int] = None) -> List[Dict[str, 
 def flagged_quality(run: Run, *, epoch: Optional[int] = None) -> Optional[Dict[str, Any]]:
     """Precision / recall of the flagged set against the true labels; None when none are known.
 
-    Counted over decodable samples with a known true label; a real issue is ``given != true``.
+    Counted over the samples the GMM saw (decodable, not held out) with a known true label; a real
+    issue is ``given != true``.
     ``precision`` is None when nothing is flagged, ``recall`` None when there is no real issue.
 
     >>> flagged_quality("runs/tiny-20260101-000000")                 # doctest: +SKIP
@@ -147,19 +152,19 @@ def flagged_quality(run: Run, *, epoch: Optional[int] = None) -> Optional[Dict[s
 def health_summary(run: Run, *, epoch: Optional[int] = None) -> Dict[str, Any]:
     """Overall numbers of one epoch's selection (named after cleanlab's ``health_summary``).
 
-    ``overall_label_health_score`` = 1 - ``estimated_noise_rate`` = mean label_score over decodable
-    samples (turnctl.report's docstring). ``quality`` is :func:`flagged_quality` (None without true labels).
+    ``overall_label_health_score`` = 1 - ``estimated_noise_rate`` = mean label_score over the samples
+    the GMM saw (turnctl.report's docstring). ``quality`` is :func:`flagged_quality` (None without true labels).
 
     >>> health_summary("runs/tiny-20260101-000000")["overall_label_health_score"]   # doctest: +SKIP
     0.7
     """
     sel = as_selection(run, epoch)
-    valid = sel.ok & (sel.given >= 0) & (sel.given < sel.num_classes)
+    valid = sel.usable & (sel.given >= 0) & (sel.given < sel.num_classes)
     noise = float(np.mean(1.0 - sel.clean_prob[valid])) if valid.any() else None
     return {
         "epoch": sel.epoch, "epochs": list(sel.epochs), "num_samples": sel.num_samples,
         "num_classes": sel.num_classes, "undecodable": int((~sel.ok).sum()),
-        "kept": int((sel.keep & sel.ok).sum()), "flagged": int(sel.flagged.sum()), "selected": int(sel.selected.sum()),
+        "held_out": int((sel.ok & sel.heldout).sum()), "kept": int((sel.keep & sel.usable).sum()), "flagged": int(sel.flagged.sum()), "selected": int(sel.selected.sum()),
         "tau": sel.tau, "estimated_noise_rate": noise,
         "overall_label_health_score": None if noise is None else 1.0 - noise,
         "quality": flagged_quality(sel),
@@ -169,23 +174,24 @@ def health_summary(run: Run, *, epoch: Optional[int] = None) -> Dict[str, Any]:
 def epoch_history(run_dir: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
     """Kept / selected / flagged counts and purities for every selection file of a run.
 
-    Purity (share of truly clean labels) of the kept set and of the balanced subset, over samples
-    with known true labels, as ``turnctl.metrics.selection_quality`` gives them to metrics.jsonl
-    (``kept_precision``, ``selected_purity``); None when true labels are unknown. ``clean_share``
-    is the share of clean labels in the whole split (what a selection must beat).
+    Purity (share of truly clean labels) of the kept set and of the balanced subset, over the samples
+    the GMM saw with known true labels, as ``turnctl.metrics.selection_quality`` gives them to
+    metrics.jsonl (``kept_precision``, ``selected_purity``); None when true labels are unknown.
+    ``clean_share`` is the share of clean labels among those samples (what a selection must beat);
+    ``fitted`` their number (decodable, not held out for validation).
 
     >>> [h["kept"] for h in epoch_history("runs/tiny-20260101-000000")]   # doctest: +SKIP
     [27, 82]
     """
-    run = Path(run_dir)
+    layout = RunLayout(run_dir)
     out = []
-    for e in selection_epochs(run):
-        path = run / "selection" / f"epoch_{e}.npz"
-        keep, selected, given, clean, ok = read_arrays(path, ("keep", "selected", "given", "clean", "ok")).values()
-        keep, selected, ok = keep.astype(bool) & ok.astype(bool), selected.astype(bool), ok.astype(bool)
-        kept_q, selected_q = (selection_quality(m, given, clean, ok) for m in (keep, selected))
-        out.append({"epoch": e, "kept": int(keep.sum()), "selected": int(selected.sum()),
-                    "flagged": int((ok & ~keep).sum()), "decodable": int(ok.sum()),
+    for e in layout.selection_epochs():
+        f = layout.load_selection(e, arrays=("keep", "selected", "given", "clean", "ok", "heldout"))
+        seen = f.ok & ~f.heldout
+        keep = f.keep & seen
+        kept_q, selected_q = (selection_quality(m, f.given, f.clean, seen) for m in (keep, f.selected))
+        out.append({"epoch": e, "kept": int(keep.sum()), "selected": int(f.selected.sum()),
+                    "flagged": int((seen & ~keep).sum()), "fitted": int(seen.sum()),
                     "kept_purity": kept_q.get("purity"), "selected_purity": selected_q.get("purity"),
                     "clean_share": kept_q.get("clean_share")})
     return out

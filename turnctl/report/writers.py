@@ -20,7 +20,7 @@ from turnctl.report.keys import keys_for
 from turnctl.report.plots import MAX_PLOT_CLASSES, check_matplotlib, plot_report
 from turnctl.report.selection import Run, as_selection
 from turnctl.report.tables import PER_CLASS_COLUMNS, health_summary, label_issues, per_class_table
-from turnctl.rundir import atomic_write_text
+from turnctl.rundir import RunLayout, atomic_write_text
 
 
 def _cell(v: Any) -> str:
@@ -69,12 +69,14 @@ def write_report(run: Run, *, epoch: Optional[int] = None, top: int = 10, plot: 
     issues = label_issues(sel, keys=keys)
     table = per_class_table(sel)
     summary = {"run_dir": str(sel.run_dir), **health_summary(sel)}
-    out = sel.run_dir / "report"
+    out = RunLayout(sel.run_dir).report_dir
     cols = list(issues)
     files = {"label_issues": str(out / "label_issues.csv"), "per_class": str(out / "per_class.csv")}
     atomic_write_text(out / "label_issues.csv",
                       _csv_text(cols, zip(*(issues[c].tolist() for c in cols))))
-    pc_cols = [c for c in PER_CLASS_COLUMNS if c != "true_noise_rate" or sel.has_clean]
+    # Columns that would be empty or all 0 for this run are left out, as the true_label column is.
+    pc_cols = [c for c in PER_CLASS_COLUMNS if (c != "true_noise_rate" or sel.has_clean)
+               and (c != "held_out" or summary["held_out"])]
     atomic_write_text(out / "per_class.csv", _csv_text(pc_cols, ([r[c] for c in pc_cols] for r in table)))
     if plot:
         files.update(plot_report(sel, max_classes=max_plot_classes))
