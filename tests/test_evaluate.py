@@ -20,6 +20,16 @@ TINY_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2
                 intermediate_size=64)
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _leave_no_process_group():
+    """These tests start a world of one in-process; later modules (test_finetune's engines) must
+    find none, as after a CLI call."""
+    yield
+    from turnctl import distributed as dist
+
+    dist.destroy()
+
 def _constant_export(path, k: int, num_classes: int = 3):
     from turnctl.models import load_backbone
     from turnctl.recipe import ModelSection

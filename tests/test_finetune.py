@@ -114,6 +114,26 @@ def test_cosine_spans_the_methods_own_epochs(world_of_one, tmp_path):
     assert last["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_train_epoch_reports_where_its_time_went(world_of_one, tmp_path):
+    # issue #15: the epoch's seconds split into data wait, forward, backward, step and turnctl's
+    # own bookkeeping, covering the loop's wall time.
+    from shardgen import write_toy_shards
+
+    from turnctl.data import ToTensorResize, open_split
+
+    write_toy_shards(tmp_path / "s", counts={"train": [24]}, num_classes=3, image_size=8, seed=0)
+    info = open_split(tmp_path / "s", "train")
+    r = load_recipe("tiny", ["finetune.batch_size=8", "finetune.micro_batch_size=8"])
+    dist.set_seed(0, per_rank=False)
+    tuner = FineTuner(load_backbone(r.model, num_classes=3), r)
+    out = tuner.train_epoch(info, epoch=0, total_epochs=1, keep_idx=None, transform=ToTensorResize(32),
+                            num_workers=0, seed=0)
+    split = out["time_split_s"]
+    assert set(split) == {"data", "forward", "backward", "step", "bookkeeping"}
+    assert all(split[k] > 0 for k in split), split
+    assert 0.9 * out["wall_s"] - 0.005 <= sum(split.values()) <= out["wall_s"] + 0.005, (split, out["wall_s"])
+
+
 def test_nonfinite_loss_and_stop_requests_are_agreed_per_step():
     """The per-micro-step check (one all-reduce on many ranks; here a world of one): a NaN/inf
     loss names epoch, step and sample idx; a pending stop request is returned, not raised."""

@@ -24,6 +24,16 @@ from turnctl.runner import train_from_recipe
 NUM_CLASSES = 4
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _leave_no_process_group():
+    """These tests start a world of one in-process; later modules (test_finetune's engines) must
+    find none, as after a CLI call."""
+    yield
+    from turnctl import distributed as dist
+
+    dist.destroy()
+
 class FakeTuner:
     built = []
 
