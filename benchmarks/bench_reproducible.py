@@ -28,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TIMING_KEYS = {"time", "wall_s", "samples_per_s"}
+TIMING_KEYS = {"time", "wall_s", "samples_per_s", "time_split_s"}
 
 
 def _free_port() -> int:

@@ -12,6 +12,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
 "$PY" benchmarks/bench_select.py
 "$PY" benchmarks/bench_probe.py
 "$PY" benchmarks/bench_extract.py
+"$PY" benchmarks/bench_overhead.py       # turnctl vs plain PyTorch per CPU-second, 1 and 2 ranks: ~5 min
 "$PY" benchmarks/bench_turn_vs_fft.py --repeats "${REPEATS:-1}"
 "$PY" benchmarks/bench_reproducible.py   # the demo twice, ~6 min
 "$PY" benchmarks/bench_protocol.py       # every method, 2 noise levels, 3 seeds: ~1 h on 2 cores

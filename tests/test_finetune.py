@@ -130,7 +130,7 @@ def test_train_epoch_reports_where_its_time_went(world_of_one, tmp_path):
                             num_workers=0, seed=0)
     split = out["time_split_s"]
     assert set(split) == {"data", "forward", "backward", "step", "bookkeeping"}
-    assert all(split[k] > 0 for k in split), split
+    assert all(v >= 0 for v in split.values()) and split["forward"] > 0 and split["backward"] > 0, split
     assert 0.9 * out["wall_s"] - 0.005 <= sum(split.values()) <= out["wall_s"] + 0.005, (split, out["wall_s"])
 
 

@@ -186,26 +186,38 @@ class FineTuner:
         interrupted = None
         # Distinct for every (seed, rank, step) below a million steps per epoch.
         base_seed = ((seed * 1_000_003 + dist.rank()) * 1_000_003) % (2**62)
+        # Where this rank's time goes (host-side perf_counter, a few calls per step: always on).
+        # On a GPU kernels run asynchronously: time queued by the forward/backward surfaces at the
+        # next synchronising call (_check_step's .cpu(), in "bookkeeping"), not where it was queued.
+        laps = _Laps()
         batches = track(loader, f"fine-tune epoch {epoch}", total=steps)
         for step, batch in enumerate(batches):
+            laps.lap("data")
             # Any randomness of the model (dropout, drop-path) is a function of (seed, rank, step),
             # not of how many steps this process happened to run: a resumed epoch draws the same.
             torch.manual_seed(base_seed + step)
+            laps.lap("bookkeeping")
             if step < start_step:
                 continue
             x = batch["image"].to(self.device, dtype=self.input_dtype, non_blocking=True)
             y = batch["cls"].to(self.device, non_blocking=True)
+            laps.lap("data")
             logits = self.engine(x).float()
             per_sample = F.cross_entropy(logits, y, reduction="none") if loss_fn is None else loss_fn(logits, y, batch)
+            laps.lap("forward")
             stop_now = self._check_step(per_sample, batch, epoch, step, stop)
             loss = per_sample.mean()
+            laps.lap("bookkeeping")
             self.engine.backward(loss)
+            laps.lap("backward")
             boundary = self.engine.is_gradient_accumulation_boundary()
             if boundary:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lrs[(step + 1) // self.accum - 1]
                 self.global_step += 1
+            laps.lap("bookkeeping")
             self.engine.step()
+            laps.lap("step")
             loss_sum += loss.detach().double()
             seen += int(y.shape[0])
             # The flag is all-reduced, so every rank takes this branch at the same step.
@@ -213,6 +225,7 @@ class FineTuner:
                 interrupted = step + 1
                 batches.close()  # stops the loader's workers and records its stats so far
                 break
+            laps.lap("bookkeeping")
         wall = time.time() - t0
         loader_stats = loader.stats()
         done = steps if interrupted is None else interrupted
@@ -228,7 +241,14 @@ class FineTuner:
                "lr": self.optimizer.param_groups[0]["lr"],
                # Every optimizer step of the epoch so far, in order; a resumed epoch lists the steps run
                # before the interruption too (same function of the step, so the LRs they used).
-               "lr_per_step": lrs[:done // self.accum]}
+               "lr_per_step": lrs[:done // self.accum],
+               # This rank's seconds (rank 0's on the metrics line), summed over the epoch: waiting
+               # for the loader and the copy to the device, engine forward + loss, engine.backward (under ZeRO-1/2 also the
+               # gradient reduction, run in DeepSpeed's backward hooks), engine.step (the optimizer
+               # on this rank's partition, then the all-gather of the updated weights), and
+               # turnctl's own per-step work (reseeding, _check_step's NaN/stop all-reduce, the LR,
+               # the counters).
+               "time_split_s": laps.seconds()}
         if start_step:
             out["resumed_at_step"] = start_step
         if interrupted is not None:
@@ -351,6 +371,25 @@ class FineTuner:
         dist.run_on_main(lambda: self.backbone.save_pretrained(Path(out_dir), state_dict=state,
                                                                class_names=list(class_names) or None),
                          what=f"export to {out_dir}")
+
+
+class _Laps:
+    """Seconds per phase of the training loop: ``lap(phase)`` charges the time since the previous
+    lap (or since creation) to ``phase``; one perf_counter read per lap."""
+
+    PHASES = ("data", "forward", "backward", "step", "bookkeeping")
+
+    def __init__(self) -> None:
+        self._s = dict.fromkeys(self.PHASES, 0.0)
+        self._mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self._s[phase] += now - self._mark
+        self._mark = now
+
+    def seconds(self) -> Dict[str, float]:
+        return {k: round(v, 6) for k, v in self._s.items()}
 
 
 COMPLETE = "COMPLETE"  # written into a checkpoint tag once every rank's files are on disk
