@@ -310,21 +310,21 @@ def _read_only_below(monkeypatch, root: Path) -> None:
 
 
 def test_the_writability_probe(tmp_path, monkeypatch):
-    from turnctl import features as F
+    import turnctl.rundir as R  # the one writability probe (features, compare, run directories)
 
     target = tmp_path / "a" / "b"
-    assert F.unwritable(target) is None
+    assert R.unwritable(target) is None
     assert target.is_dir() and list(target.iterdir()) == []  # the probe file is gone
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    assert F.unwritable(a_file / "cache") == "Not a directory"
-    assert F.unwritable(a_file) == "File exists"
+    assert R.unwritable(a_file / "cache") == "Not a directory"
+    assert R.unwritable(a_file) == "File exists"
 
     def refuse(*args, **kwargs):
         raise _erofs(kwargs.get("dir"))
 
-    monkeypatch.setattr(F.tempfile, "mkstemp", refuse)  # the directory exists, a file cannot be made
-    assert F.unwritable(target) == "Read-only file system"
+    monkeypatch.setattr(R.tempfile, "mkstemp", refuse)  # the directory exists, a file cannot be made
+    assert R.unwritable(target) == "Read-only file system"
 
 
 def test_choose_cache_dir(tmp_path, monkeypatch, caplog):

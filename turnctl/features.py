@@ -19,9 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -33,7 +31,7 @@ from turnctl.errors import DataError
 from turnctl.lockstep import per_sample_pass
 from turnctl.logger import log
 from turnctl.data import SplitInfo
-from turnctl.rundir import RunLayout, atomic_path
+from turnctl.rundir import RunLayout, atomic_path, unwritable
 
 FEATURE_FORMAT = 1
 
@@ -79,24 +77,6 @@ def _load(path: Path, key: str, info: SplitInfo) -> Optional[FeatureSet]:
         log.warning("feature cache %s is unreadable (%s); re-extracting", path, exc)
         return None
     return FeatureSet(info.split, t["features"], t["labels"], t["clean"], t["ok"].bool(), True, path)
-
-
-def unwritable(directory: Path) -> Optional[str]:
-    """Why files cannot be created in ``directory`` (created if missing), or None if they can.
-
-    A real probe (create the directory, then a file in it) rather than ``os.access``: it answers
-    for read-only mounts, permissions, ACLs and root alike, and a directory turnctl is about to
-    fill may as well exist.
-    """
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".turnctl-probe-", dir=directory)
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
-    return None
 
 
 class CachePlan(NamedTuple):

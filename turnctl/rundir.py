@@ -26,6 +26,7 @@ import contextlib
 import errno
 import json
 import os
+import tempfile
 import re
 import time
 from dataclasses import dataclass, fields
@@ -251,6 +252,24 @@ def load_selection_file(path: Union[str, os.PathLike], *, arrays: Optional[Seque
 def _entries(*names: str) -> Iterator[property]:
     """Read-only attributes ``<run>/<name>`` of a :class:`RunLayout`."""
     return (property(lambda self, name=name: self.path / name, doc=f"``<run>/{name}``") for name in names)
+
+
+def unwritable(directory: Path) -> Optional[str]:
+    """Why files cannot be created in ``directory`` (created if missing), or None if they can.
+
+    A real probe (create the directory, then a file in it) rather than ``os.access``: it answers
+    for read-only mounts, permissions, ACLs and root alike, and a directory turnctl is about to
+    fill may as well exist.
+    """
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".turnctl-probe-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
 
 
 class RunLayout:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -15,6 +14,7 @@ from turnctl.commands.common import emit_json
 from turnctl.commands.train import methods_help, resolve
 from turnctl.distributed import env_world_size, init_distributed, is_main
 from turnctl.logger import result_console
+from turnctl.rundir import unwritable
 
 
 def _pct(ms) -> str:
@@ -111,11 +111,9 @@ def _claim_out(out: str) -> dict:
         if path.exists() and any(path.iterdir()):
             return {"out": out, "problem": (f"--out {path} is not empty; compare writes compare.json, summary.json "
                                             "and one run directory per method and seed there: choose another --out")}
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".turnctl-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as exc:
-        return {"out": out, "problem": (f"--out {path}: cannot write there ({exc.filename or path}: "
-                                        f"{exc.strerror or exc}); choose another --out")}
+        return {"out": out, "problem": f"--out {path}: cannot read it ({exc.strerror or exc}); choose another --out"}
+    why = unwritable(path)  # creates it; a probe file proves it writable
+    if why:
+        return {"out": out, "problem": f"--out {path}: cannot write there ({why}); choose another --out"}
     return {"out": out, "problem": None}
