@@ -45,7 +45,7 @@ def test_extra_may_not_set_what_turnctl_owns(extra, key, instead):
 
 def test_other_extra_keys_are_merged():
     extra = "{zero_optimization: {reduce_bucket_size: 1000}, steps_per_print: 5, fp16: {initial_scale_power: 8}}"
-    cfg = load_recipe("tiny", [f"deepspeed.extra={extra}"]).deepspeed_config(2)
+    cfg = load_recipe("tiny", [f"deepspeed.extra={extra}"]).deepspeed_config(2, "cuda")
     assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
     assert cfg["steps_per_print"] == 5 and cfg["fp16"] == {"initial_scale_power": 8}
 
@@ -113,3 +113,13 @@ def test_offload_trains_stops_resumes_and_evaluates_like_no_offload(run_shards, 
     assert consolidated["accuracy"] == pytest.approx(exported["accuracy"], abs=1e-9)
     assert consolidated["per_class_accuracy"] == pytest.approx(exported["per_class_accuracy"], abs=1e-9)
     assert consolidated["most_confused"] == exported["most_confused"]
+
+
+def test_cpu_ranks_skip_the_contiguous_gradient_copy_unless_extra_says():
+    # On CPU it only costs time (benchmarks/RESULTS.md); on GPUs DeepSpeed's default stays.
+    assert load_recipe("tiny").deepspeed_config(2, "cpu")["zero_optimization"]["contiguous_gradients"] is False
+    assert "contiguous_gradients" not in load_recipe("tiny").deepspeed_config(2, "cuda")["zero_optimization"]
+    assert "contiguous_gradients" not in load_recipe("tiny", ["deepspeed.zero_stage=3"]).deepspeed_config(2, "cpu")[
+        "zero_optimization"]
+    extra = "deepspeed.extra={zero_optimization: {contiguous_gradients: true}}"
+    assert load_recipe("tiny", [extra]).deepspeed_config(2, "cpu")["zero_optimization"]["contiguous_gradients"] is True

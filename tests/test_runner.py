@@ -144,3 +144,24 @@ def test_an_lp_baseline_builds_no_fine_tuner(tmp_path, toy, fake_tuner):
     assert fake_tuner.built == []
     assert (tmp_path / "lp" / "final" / "model.safetensors").is_file()
     assert result["test_accuracy"]["last"] is not None
+
+
+def test_summary_says_where_the_time_went_phase_by_phase(tmp_path, toy, fake_tuner, monkeypatch):
+    import time
+
+    def slow_epoch(self, info, *, epoch, total_epochs, keep_idx, **_):
+        time.sleep(0.3)  # a fine-tuning epoch that costs something measurable
+        self.epochs.append((epoch, total_epochs, keep_idx))
+        return {"train_loss": 0.5, "steps": 1, "lr_per_step": [1e-3]}
+
+    monkeypatch.setattr(FakeTuner, "train_epoch", slow_epoch)
+    turn = train_from_recipe(_recipe(toy, tmp_path / "turn", "turn"))["phase_time_s"]
+    assert set(turn) == {"extract", "probe", "loss_pass", "select", "finetune", "eval", "checkpoint", "other"}
+    assert turn["finetune"] >= 0.6 and all(v >= 0 for v in turn.values())
+    summary = json.loads(RunLayout(tmp_path / "turn").summary_file.read_text())
+    assert abs(sum(summary["phase_time_s"].values()) - summary["wall_time_s"]) < 0.05  # nothing counted twice
+
+    fft = train_from_recipe(_recipe(toy, tmp_path / "fft", "fft-ce"))["phase_time_s"]
+    assert set(fft) == {"finetune", "eval", "checkpoint", "other"} and fft["finetune"] >= 0.9  # 3 epochs
+    lp = train_from_recipe(_recipe(toy, tmp_path / "lp", "lp-ce"))["phase_time_s"]
+    assert set(lp) == {"extract", "probe", "checkpoint", "other"}

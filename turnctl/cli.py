@@ -133,6 +133,9 @@ def run(argv: Optional[List[str]] = None) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    from turnctl.host import tune_allocator
+
+    tune_allocator()  # the CLI owns its process: keep activation memory in the heap (turnctl/host.py)
     code = run(argv)
     if _LEAVE_AT_ONCE["value"]:
         # The process group lost a peer: destroying it, or letting the interpreter tear down its

@@ -23,6 +23,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from turnctl.errors import DistributedError
+from turnctl.host import set_threads_per_rank
+
+log = logging.getLogger("turnctl")
 
 
 def env_rank() -> int:
@@ -73,6 +76,7 @@ def init_distributed(timeout_minutes: float = 60.0) -> None:
             )
         os.environ["MASTER_PORT"] = str(_free_port())
     check_extension_locks()  # before DeepSpeed may JIT-build its ops and wait on their lock
+    set_threads_per_rank()  # before DeepSpeed and the first op size torch's thread pool
     import deepspeed
 
     deepspeed.init_distributed(
@@ -119,7 +123,6 @@ def check_extension_locks(roots: Optional[Sequence[str]] = None, *, stale_s: Opt
     well under a minute) is removed with a one-line warning; a younger one gets a one-line notice
     that this process is about to wait on it. Nothing else is touched.
     """
-    log = logging.getLogger("turnctl")
     if stale_s is None:
         try:
             stale_s = float(os.environ.get("TURNCTL_EXT_LOCK_STALE_S", EXT_LOCK_STALE_S))

@@ -12,7 +12,7 @@
     <run>/report/                  what ``turnctl report`` writes (CSVs, PNGs)
     <run>/features-cache/          the feature cache, when the shards' own .features is not writable
     <run>/tensorboard/             output.tensorboard
-    <run>/summary.json             the run's result, written last
+    <run>/summary.json             the run's result, written last (wall_time_s, phase_time_s: where it went)
 
 :class:`RunLayout` gives these paths for any directory (readers of an existing run: eval, report);
 :class:`RunDir` adds the recipe and rank 0's writers for the run being trained. Every single file is

@@ -27,7 +27,8 @@ method as ``max_over_epochs`` and is optimistic: it is chosen on test.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -121,6 +122,39 @@ def _validation_holdout(recipe: Recipe, splits: Dict[str, SplitInfo], run: RunDi
     return mask
 
 
+class PhaseTimes:
+    """Wall seconds per phase of this invocation, for summary.json's ``phase_time_s`` (where a run's
+    time went: HF Trainer's ``train_runtime``, split by TURN's steps). Phases: ``extract`` (features,
+    cached or not), ``probe`` (step 1 on rank 0, the learning-rate search included), ``loss_pass``
+    (TURN's per-sample losses), ``select`` (GMM + balanced subset), ``finetune``, ``eval`` (val/test,
+    and the pass over train a val hold-out needs, which TURN reuses as the next loss pass),
+    ``checkpoint`` (engine checkpoints and exports); ``other`` is the rest of the wall time (model
+    loading, DeepSpeed's engine, the process group). A resumed run counts its own invocation only.
+
+    >>> t = PhaseTimes()
+    >>> with t("eval"):
+    ...     pass
+    >>> sorted(t.summary(total_s=1.0)) == ["eval", "other"]
+    True
+    """
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def summary(self, *, total_s: float) -> Dict[str, float]:
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["other"] = round(max(0.0, total_s - sum(self.seconds.values())), 3)
+        return out
+
+
 def _seed_epoch(recipe: Recipe, epoch: int) -> int:
     # Every epoch reseeds from (seed, epoch): a resumed run draws exactly what an uninterrupted one would.
     return recipe.seed * 100_003 + epoch
@@ -133,6 +167,7 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
     if spec is None:
         raise TurnctlError(f"method '{recipe.method}' is not available; available: {', '.join(METHODS)}")
     t_start = time.time()
+    clock = PhaseTimes()
     dist.init_distributed(recipe.deepspeed.timeout_minutes)
     splits = open_splits(recipe)  # bad shards fail here, before a run directory is created
     run = RunDir.open(recipe, resume=resume)
@@ -203,11 +238,11 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
 
     if needs_lp and start_epoch == 0:
         run.reset_history([])
-        probe_out = _linear_probe(recipe, run, backbone, tuner, splits, eval_tf, holdout=holdout)
+        probe_out = _linear_probe(recipe, run, backbone, tuner, splits, eval_tf, holdout=holdout, clock=clock)
         result["feature_cache"] = probe_out["feature_cache"]
         result.update(probe_out["summary"])
         if tuner is None:  # an LP baseline: the probe is the result
-            return _finish_lp(recipe, run, backbone, probe_out, result, t_start)
+            return _finish_lp(recipe, run, backbone, probe_out, result, t_start, clock)
 
     last_sel: Dict[str, Any] = {}
     train_pass = None  # the last evaluation's pass over train (a val hold-out): next epoch's losses
@@ -221,19 +256,21 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
                     keep_idx, sel_stats = _saved_selection(run, epoch), resume_here["selection"]
                 else:
                     keep_idx, sel_stats = _cleanse(recipe, run, tuner, train, eval_tf, epoch,
-                                                   holdout=holdout, precomputed=train_pass)
+                                                   holdout=holdout, precomputed=train_pass, clock=clock)
                 last_sel = sel_stats
             else:
                 keep_idx = train_pool
-            stats = tuner.train_epoch(train, epoch=epoch, total_epochs=fft_epochs, keep_idx=keep_idx,
-                                      transform=train_tf, num_workers=recipe.data.num_workers,
-                                      seed=_seed_epoch(recipe, epoch), loss_fn=loss_fn, stop=stop,
-                                      start_step=resume_here.get("step", 0), partial=resume_here.get("partial"))
+            with clock("finetune"):
+                stats = tuner.train_epoch(train, epoch=epoch, total_epochs=fft_epochs, keep_idx=keep_idx,
+                                          transform=train_tf, num_workers=recipe.data.num_workers,
+                                          seed=_seed_epoch(recipe, epoch), loss_fn=loss_fn, stop=stop,
+                                          start_step=resume_here.get("step", 0), partial=resume_here.get("partial"))
             if elr is not None:
                 elr.check_consistent()
             if "interrupted_at_step" in stats:
                 _save_midway(recipe, run, tuner, elr, epoch, stats, sel_stats, best)
-            evals, train_pass = _evaluate(tuner, splits, eval_tf, recipe, num_classes, holdout)
+            with clock("eval"):
+                evals, train_pass = _evaluate(tuner, splits, eval_tf, recipe, num_classes, holdout)
             line = {"phase": "fft", "epoch": epoch, **stats, **sel_stats, **evals}
             run.log_metrics(line)
             # Chosen on validation only: without validation data there is no best (docs/PROTOCOL.md).
@@ -242,12 +279,14 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
             if improved:
                 best = {"score": score, "epoch": epoch, "test_accuracy": evals.get("test_accuracy"),
                         "val_accuracy": evals.get("val_accuracy")}
-                tuner.export(run.best, class_names=train.class_names)
+                with clock("checkpoint"):
+                    tuner.export(run.best, class_names=train.class_names)
             tag = checkpoint_tag(epoch)
-            if elr is not None:  # before the engine's checkpoint: a `latest` tag always has its targets
-                elr.save(run.checkpoints / tag)
-            tuner.save_checkpoint(run.checkpoints, tag=tag, keep=recipe.output.keep_checkpoints,
-                                  client_state={"epoch": epoch + 1, "best": best, "history": run.history})
+            with clock("checkpoint"):
+                if elr is not None:  # before the engine's checkpoint: a `latest` tag always has its targets
+                    elr.save(run.checkpoints / tag)
+                tuner.save_checkpoint(run.checkpoints, tag=tag, keep=recipe.output.keep_checkpoints,
+                                      client_state={"epoch": epoch + 1, "best": best, "history": run.history})
             if dist.rank() == 0:
                 log.info("epoch %d: loss %.4f, %s%s", epoch, stats["train_loss"],
                          " ".join(f"{k} {v:.4f}" for k, v in evals.items() if isinstance(v, float)),
@@ -261,7 +300,8 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
                 result.update({"stopped_after_epoch": epoch, "wall_time_s": time.time() - t_start})
                 return result
     if tuner is not None and recipe.output.export_final:
-        tuner.export(run.final, class_names=train.class_names)
+        with clock("checkpoint"):
+            tuner.export(run.final, class_names=train.class_names)
     fft_rows = [h for h in run.history if h.get("phase") == "fft"]
     figures = protocol_figures(fft_rows, val_key="val_accuracy", test_key="test_accuracy")
     best_i = figures.pop("best_epoch_index")
@@ -269,6 +309,7 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         **figures, "best_epoch": fft_rows[best_i]["epoch"] if best_i is not None else None,
         "best": str(run.best) if best_i is not None else None,
         "selection": last_sel or None, "wall_time_s": time.time() - t_start,
+        "phase_time_s": clock.summary(total_s=time.time() - t_start),
         "final": str(run.final) if recipe.output.export_final else None,
     })
     run.write_summary(result)
@@ -302,7 +343,7 @@ def _saved_selection(run: RunDir, epoch: int) -> np.ndarray:
 
 
 def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf, *,
-                  holdout: Optional[np.ndarray] = None) -> Dict[str, Any]:
+                  holdout: Optional[np.ndarray] = None, clock: Optional[PhaseTimes] = None) -> Dict[str, Any]:
     """Extract (or load) features on all ranks, train the head on rank 0, broadcast it.
 
     The method's registry entry picks the trainer (:func:`train_step1`); extra state a trainer
@@ -313,6 +354,7 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
     from turnctl.features import CachePlan, choose_cache_dir, extract_features
 
     step1 = METHODS[recipe.method].step1  # its name in the logs and method_state.pt
+    clock = clock or PhaseTimes()
     # Settled before the first forward: an unwritable cache must not cost a whole feature pass.
     plan = CachePlan(None)
     if recipe.features.cache:
@@ -320,11 +362,12 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
                                 what="choosing the feature cache directory")
     forward = tuner.module.features if tuner is not None else backbone.features
     feats = {}
-    for role, info in splits.items():
-        feats[role] = extract_features(
-            backbone, info, model_identity=model_identity(recipe), transform=eval_tf,
-            batch_size=recipe.features.batch_size, num_workers=recipe.data.num_workers,
-            cache_dir=plan.write, read_dirs=plan.read, forward=forward)
+    with clock("extract"):
+        for role, info in splits.items():
+            feats[role] = extract_features(
+                backbone, info, model_identity=model_identity(recipe), transform=eval_tf,
+                batch_size=recipe.features.batch_size, num_workers=recipe.data.num_workers,
+                cache_dir=plan.write, read_dirs=plan.read, forward=forward)
     cache_state = {role: ("hit" if fs is not None and fs.from_cache else "miss") for role, fs in feats.items()}
 
     def train_head():  # rank 0 only
@@ -373,7 +416,8 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
         summary = {**summary, **{f"{role}_undecodable": int((~fs.ok).sum()) for role, fs in feats.items()}}
         return {k: v.detach().cpu().float() for k, v in head_state.items()}, summary, history
 
-    head_state, summary, history = dist.run_on_main(train_head, what=f"step 1 ({step1})")
+    with clock("probe"):
+        head_state, summary, history = dist.run_on_main(train_head, what=f"step 1 ({step1})")
     if tuner is not None:
         tuner.set_head(head_state)
     else:
@@ -409,25 +453,28 @@ def train_step1(recipe: Recipe, features: torch.Tensor, *, labels, clean, idx, e
     return {**out, "lr": lr}
 
 
-def _finish_lp(recipe, run, backbone, probe_out, result, t_start) -> Dict[str, Any]:
+def _finish_lp(recipe, run, backbone, probe_out, result, t_start, clock: PhaseTimes) -> Dict[str, Any]:
     hist = probe_out["history"]
     figures = protocol_figures(hist, val_key="val_acc", test_key="test_acc")
     best_i = figures.pop("best_epoch_index")
     if recipe.output.export_final:  # on rank 0; a failure there (a full disk) stops every rank
         train = open_split(recipe.data.shards, recipe.data.train_split)
-        dist.run_on_main(lambda: backbone.save_pretrained(run.final, class_names=list(train.class_names)),
-                         what=f"export to {run.final}")
+        with clock("checkpoint"):
+            dist.run_on_main(lambda: backbone.save_pretrained(run.final, class_names=list(train.class_names)),
+                             what=f"export to {run.final}")
     # The LP family exports the last head only (the one a user gets); "best" is the figure of the
     # val-selected epoch (docs/PROTOCOL.md).
     result.update({**figures, "best_epoch": hist[best_i]["epoch"] if best_i is not None else None,
                    "wall_time_s": time.time() - t_start,
+                   "phase_time_s": clock.summary(total_s=time.time() - t_start),
                    "final": str(run.final) if recipe.output.export_final else None})
     run.write_summary(result)
     return result
 
 
 def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoch: int, *,
-             holdout: Optional[np.ndarray] = None, precomputed: Optional[Dict[str, np.ndarray]] = None):
+             holdout: Optional[np.ndarray] = None, precomputed: Optional[Dict[str, np.ndarray]] = None,
+             clock: Optional[PhaseTimes] = None):
     """Per-sample losses (all ranks) -> GMM + balanced subset (rank 0) -> the subset (broadcast).
 
     ``precomputed``: the previous epoch's evaluation pass over train with the same weights (when a
@@ -435,8 +482,12 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
     are neither fitted nor selected."""
     from turnctl.cleanse import balanced_subset, select_clean
 
-    out = precomputed if precomputed is not None else tuner.per_sample_losses(
-        train, transform=eval_tf, batch_size=recipe.finetune.eval_batch_size, num_workers=recipe.data.num_workers)
+    clock = clock or PhaseTimes()
+    out = precomputed
+    if out is None:
+        with clock("loss_pass"):
+            out = tuner.per_sample_losses(train, transform=eval_tf, batch_size=recipe.finetune.eval_batch_size,
+                                          num_workers=recipe.data.num_workers)
     # Every rank holds the gathered losses, so every rank sees a NaN and stops with the same message.
     bad = ~np.isfinite(out["loss"]) & out["ok"].astype(bool)
     if bad.any():
@@ -475,7 +526,8 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
                           "train_noise_rate": q_keep["noise_rate"]})
         return sub.indices.astype(np.int64), stats
 
-    return dist.run_on_main(select, what=f"the selection of epoch {epoch}")
+    with clock("select"):
+        return dist.run_on_main(select, what=f"the selection of epoch {epoch}")
 
 
 def _evaluate(tuner, splits, eval_tf, recipe: Recipe, num_classes: int, holdout: Optional[np.ndarray]):

@@ -21,7 +21,7 @@ _PACKAGES = ("torch", "deepspeed", "transformers", "webdataset", "safetensors", 
              "tensorboard")
 _ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "NCCL_DEBUG", "TURNCTL_DATA", "HF_HOME",
-             "HF_HUB_OFFLINE", "OMP_NUM_THREADS")
+             "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "LOCAL_SIZE", "TURNCTL_MALLOC_TUNING", "LD_PRELOAD")
 
 
 def _version(name: str) -> str:

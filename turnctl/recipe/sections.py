@@ -65,6 +65,12 @@ class ModelSection(Section):
     image_size: Optional[int] = Field(default=None, ge=8, le=4096)
     # Which representation feeds the head: the family's documented default, or cls / pooler / mean.
     pooling: Literal["default", "cls", "pooler", "mean"] = "default"
+    # How image batches enter the network. channels_last (NHWC) lets oneDNN / cuDNN pick their fast
+    # convolution kernels: EfficientNet-Lite0 at 64 px on 2 CPU cores trains 1.6x faster with it
+    # (benchmarks/RESULTS.md, bench_overhead.py). auto: channels_last for the convolutional families
+    # (efficientnet_*, convnext, resnet), unchanged for the transformers (a patch embedding is one
+    # convolution). Only the input is converted; weights, checkpoints and exports are unaffected.
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
 
     @model_validator(mode="after")
     def _source(self):
