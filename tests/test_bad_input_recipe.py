@@ -18,7 +18,7 @@ import yaml
 from turnctl.cli import run
 
 REPO = Path(__file__).resolve().parent.parent
-_NOTICE = re.compile(r"^(\[rank \d+\] )?(\d\d:\d\d:\d\d )?(INFO|WARNING) ")
+_NOTICE = re.compile(r"^(\[rank \d+\] )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d )?(INFO|WARNING) ")
 TINY = REPO / "recipes" / "tiny.yaml"
 
 

@@ -75,7 +75,7 @@ def test_log_lines_to_a_file_are_one_line_each(tmp_path):
         subprocess.run([sys.executable, "-m", "turnctl", "train", "--recipe", "tiny", "--dry-run"],
                        stdout=subprocess.DEVNULL, stderr=err, check=True)
     lines = (tmp_path / "err.log").read_text().splitlines()
-    assert any(re.fullmatch(r"\d\d:\d\d:\d\d INFO recipe tiny is valid \(digest [0-9a-f]+, world size 1, "
+    assert any(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO recipe tiny is valid \(digest [0-9a-f]+, world size 1, "
                             r"gradient accumulation \d+\)", line) for line in lines), lines
 
 

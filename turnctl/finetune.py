@@ -190,7 +190,7 @@ class FineTuner:
         # On a GPU kernels run asynchronously: time queued by the forward/backward surfaces at the
         # next synchronising call (_check_step's .cpu(), in "bookkeeping"), not where it was queued.
         laps = _Laps()
-        batches = track(loader, f"fine-tune epoch {epoch}", total=steps)
+        batches = track(loader, f"fine-tune epoch {epoch}", total=steps, batch_size=ft.micro_batch_size * self.world)
         for step, batch in enumerate(batches):
             laps.lap("data")
             # Any randomness of the model (dropout, drop-path) is a function of (seed, rank, step),

@@ -49,7 +49,7 @@ def per_sample_pass(
                           world_size=dist.world_size(), num_workers=num_workers)
     chunks: Dict[str, list] = {}
     idx_chunks = []
-    for batch in track(loader, f"{what} [{info.split}]", total=loader.steps):
+    for batch in track(loader, f"{what} [{info.split}]", total=loader.steps, batch_size=batch_size * dist.world_size()):
         x = batch["image"].to(device=device, dtype=input_dtype, non_blocking=True)
         output = forward(x)
         real = batch["idx"] >= 0

@@ -12,8 +12,9 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Dict, Iterable, Iterator, Optional, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -107,7 +108,8 @@ def setup_logging(verbose: bool = False) -> logging.Logger:
             # A batch job's log file: one line per record (rich would wrap at 80 columns, splitting
             # paths and messages that people grep for).
             handler = _StderrHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+            # The date too: a job runs for days.
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.setLevel(logging.DEBUG if verbose else logging.INFO)
     else:
         handler = _StderrHandler()
@@ -139,10 +141,59 @@ def error_console() -> Console:
     return _stderr_console
 
 
+PROGRESS_EVERY_S = 60.0  # output.progress_every_s's default
+
+
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: unset, empty, 0, false, no and off are off (so that
+    ``TURNCTL_NO_PROGRESS=0`` keeps the bars, as it reads)."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_progress_every: Dict[str, float] = {}
+
+
+def set_progress_every(seconds: float) -> None:
+    """The interval of plain progress lines (``output.progress_every_s``; the runner sets it)."""
+    _progress_every["s"] = float(seconds)
+
+
+def progress_every_s() -> float:
+    """``TURNCTL_PROGRESS_EVERY_S`` if set (a number > 0), else the recipe's, else 60 s."""
+    try:
+        value = float(os.environ["TURNCTL_PROGRESS_EVERY_S"])
+        if value > 0:
+            return value
+    except (KeyError, ValueError):
+        pass
+    return _progress_every.get("s", PROGRESS_EVERY_S)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(description: str, done: int, total: Optional[int], elapsed: float,
+                  batch_size: Optional[int] = None) -> str:
+    """One plain progress line for a log file: phase, done / total, rate, elapsed, ETA.
+
+    >>> progress_line("fine-tune epoch 3", 120, 390, 150.0, batch_size=16)
+    'fine-tune epoch 3: 120/390 (31%), 12.8 samples/s, elapsed 0:02:30, ETA 0:05:37'
+    >>> progress_line("writing train", 5, None, 10.0)
+    'writing train: 5, 0.50 steps/s, elapsed 0:00:10'
+    """
+    rate = done / elapsed if elapsed > 0 else 0.0
+    head = f"{description}: {done}/{total} ({100 * done / total:.0f}%)" if total else f"{description}: {done}"
+    speed = f"{rate * batch_size:.1f} samples/s" if batch_size else f"{rate:.2f} steps/s"
+    eta = f", ETA {_clock((total - done) / rate)}" if total and rate > 0 and done < total else ""
+    return f"{head}, {speed}, elapsed {_clock(elapsed)}{eta}"
+
+
 @contextlib.contextmanager
 def progress(disable: bool = False) -> Iterator[Optional[Progress]]:
     """A rich progress display on rank 0 (None elsewhere, in CI, or when disabled)."""
-    if disable or env_rank() != 0 or os.environ.get("TURNCTL_NO_PROGRESS"):
+    if disable or env_rank() != 0 or env_flag("TURNCTL_NO_PROGRESS"):
         yield None
         return
     bar = Progress(
@@ -154,13 +205,31 @@ def progress(disable: bool = False) -> Iterator[Optional[Progress]]:
         yield bar
 
 
-def track(items: Iterable[T], description: str, total: Optional[int] = None) -> Iterator[T]:
-    """Iterate with a progress bar on rank 0 only."""
-    with progress() as bar:
-        if bar is None:
-            yield from items
-            return
-        task = bar.add_task(description, total=total)
-        for item in items:
-            yield item
-            bar.advance(task)
+def track(items: Iterable[T], description: str, total: Optional[int] = None, *,
+          batch_size: Optional[int] = None) -> Iterator[T]:
+    """Iterate with progress on rank 0 only: a rich bar in a terminal; in a log file (stderr not a
+    terminal, or CI) one plain :func:`progress_line` at most every :func:`progress_every_s`, and a
+    last one when the phase took longer than that. ``batch_size`` turns steps/s into samples/s."""
+    if env_rank() != 0 or env_flag("TURNCTL_NO_PROGRESS"):
+        yield from items
+        return
+    if not _is_ci():
+        with progress() as bar:
+            assert bar is not None
+            task = bar.add_task(description, total=total)
+            for item in items:
+                yield item
+                bar.advance(task)
+        return
+    every = progress_every_s()
+    start = last = time.monotonic()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every:
+            log.info("%s", progress_line(description, done, total, now - start, batch_size))
+            last = now
+    if last > start:  # lines were written: say that the phase ended
+        log.info("%s", progress_line(description, done, total, time.monotonic() - start, batch_size) + ", done")

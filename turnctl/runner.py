@@ -36,7 +36,7 @@ import torch
 from turnctl import distributed as dist
 from turnctl.errors import DataError, RecipeError, TurnctlError
 from turnctl.holdout import read_given_labels, stratified_holdout
-from turnctl.logger import log
+from turnctl.logger import log, set_progress_every
 from turnctl.methods.registry import METHODS  # name -> steps, step-1 trainer, fixed losses
 from turnctl.metrics import accuracy_report, selection_quality
 from turnctl.preempt import Preempted, StopRequest
@@ -168,6 +168,7 @@ def train_from_recipe(recipe: Recipe, *, resume: bool = False, stop_after: Optio
         raise TurnctlError(f"method '{recipe.method}' is not available; available: {', '.join(METHODS)}")
     t_start = time.time()
     clock = PhaseTimes()
+    set_progress_every(recipe.output.progress_every_s)
     dist.init_distributed(recipe.deepspeed.timeout_minutes)
     splits = open_splits(recipe)  # bad shards fail here, before a run directory is created
     run = RunDir.open(recipe, resume=resume)

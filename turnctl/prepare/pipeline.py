@@ -174,7 +174,8 @@ def _features(splits: List[Split], workers: int) -> np.ndarray:
     items = [p for s in splits for p in s.images]
     thumbs = []
     with _pool(workers, len(items)) as pool:
-        for t in track(_ordered_map(pool, images.thumbnail, items, len(items)), "thumbnails", total=len(items)):
+        thumbnails = _ordered_map(pool, images.thumbnail, items, len(items))
+        for t in track(thumbnails, "thumbnails", total=len(items), batch_size=1):
             thumbs.append(t if t is not None else np.zeros((images.THUMB_SIDE,) * 2 + (3,), np.uint8))
     return nz.standardise(np.stack(thumbs))
 
@@ -300,7 +301,7 @@ def _readable(split: Split, *, max_side: Optional[int], pool: Any, skipped: List
     appended to ``skipped``."""
     load = functools.partial(images.load_sample, max_side=max_side)
     results = _ordered_map(pool, load, split.images, len(split))
-    for i, (ext, payload) in enumerate(track(results, f"writing {split.name}", total=len(split))):
+    for i, (ext, payload) in enumerate(track(results, f"writing {split.name}", total=len(split), batch_size=1)):
         if ext is None:
             skipped.append({"key": split.keys[i], "path": str(split.images[i]), "reason": payload})
             log.debug("skipping unreadable %s: %s", split.images[i], payload)

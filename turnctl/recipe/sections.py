@@ -425,6 +425,9 @@ class NMTuneSection(Section):
 
 class OutputSection(Section):
     dir: Optional[str] = None  # None: runs/<recipe>-<timestamp>
+    # In a log file (stderr not a terminal): one progress line per long phase (extraction, loss
+    # pass, fine-tuning epoch, evaluation) at most this often; TURNCTL_PROGRESS_EVERY_S overrides.
+    progress_every_s: float = Field(default=60.0, gt=0, le=86400)
     keep_checkpoints: int = Field(default=2, ge=1)
     tensorboard: bool = True
     export_final: bool = True
