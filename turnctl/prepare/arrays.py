@@ -74,6 +74,7 @@ def read_idx(path: Path) -> np.ndarray:
     >>> _ = p.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 2, 7, 9]))
     >>> read_idx(p).tolist()
     [7, 9]
+    >>> import shutil; shutil.rmtree(p.parent)
     """
     opener = gzip.open if path.suffix == ".gz" else open
     try:

@@ -20,6 +20,7 @@ is a :class:`WriteFailed` naming the file, and the caller removes the partial di
     ...     w.add(f"s{i}", "png", b"x", idx=i, label=0, clean=None)
     >>> [(s["file"], s["count"]) for s in w.close()]
     [('train-000000.tar', 2), ('train-000001.tar', 1)]
+    >>> import shutil; shutil.rmtree(d)
 """
 
 from __future__ import annotations
