@@ -26,9 +26,12 @@ def test_hidden_local_rank_is_accepted(capsys):
     assert "--local_rank" not in capsys.readouterr().out
 
 
-def test_env_json_has_what_a_bug_report_needs(capsys):
+def test_env_json_has_what_a_bug_report_needs(capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "3")  # a Slurm task says which one it is
     assert run(["env", "--json"]) == 0
-    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    info = json.loads(out)  # nothing but the JSON object on stdout
+    assert info["world"]["SLURM_PROCID"] == "3" and "TORCH_EXTENSIONS_DIR" in info["world"]
     assert info["python"] == sys.version.split()[0]
     for pkg in ("torch", "deepspeed", "transformers", "webdataset"):
         assert info["packages"][pkg] not in ("not installed",)

@@ -21,7 +21,9 @@ _PACKAGES = ("torch", "deepspeed", "transformers", "webdataset", "safetensors", 
              "tensorboard")
 _ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "NCCL_DEBUG", "TURNCTL_DATA", "HF_HOME",
-             "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "LOCAL_SIZE", "TURNCTL_MALLOC_TUNING", "LD_PRELOAD")
+             "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "LOCAL_SIZE", "TURNCTL_MALLOC_TUNING", "LD_PRELOAD",
+             "TURNCTL_PROGRESS_EVERY_S", "TURNCTL_NO_PROGRESS", "TORCH_EXTENSIONS_DIR",
+             "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")
 
 
 def _version(name: str) -> str:
