@@ -88,18 +88,23 @@ def test_the_recipe_sets_the_interval_and_the_environment_overrides_it(monkeypat
     assert logger.progress_every_s() == 5.0
 
 
-def test_a_training_run_logged_to_a_file_is_never_silent_for_long(tmp_path):
-    """A whole TURN run (extraction, probe, loss passes, fine-tuning, evaluation) with stderr to a
-    file: with a 1 s interval, no two consecutive lines are more than a few seconds apart."""
+def test_a_training_run_logged_to_a_file_reports_every_phase_and_is_never_silent_for_long(tmp_path):
+    """A whole TURN run with stderr to a pipe (as a batch job's log file) and a 10 ms interval: the
+    long phases (extraction, loss pass, fine-tuning epoch) write progress lines, and no two
+    consecutive lines are more than a few seconds apart."""
     toy = write_toy_shards(tmp_path / "toy", counts={"train": [64, 64], "val": [32], "test": [32]},
                            num_classes=4, image_size=32, seed=3)
     proc = check(run(turnctl_cmd(["train", "--recipe", "tiny", "--shards", str(toy.root), "--out", str(tmp_path / "run"),
-                                  "--set", "finetune.epochs=2", "--set", "output.progress_every_s=1",
+                                  "--set", "finetune.epochs=2", "--set", "output.progress_every_s=0.01",
                                   "--set", "data.num_workers=0"]),
                      env=cpu_env({"TURNCTL_NO_PROGRESS": "0"})))  # "0": progress stays on
-    text = proc.stderr  # a pipe, as a batch job's log file
+    text = proc.stderr
+    # (evaluation goes through the same per_sample_pass as the loss pass; its single tiny batch
+    # here takes under the interval)
+    for phase in (r"features \[train\]", r"per-sample loss \[train\]", "fine-tune epoch 1"):
+        assert re.search(rf" INFO {phase}: \d+/\d+ \(\d+%\), [\d.]+ samples/s, elapsed \d:\d\d:\d\d", text), (phase, text)
     stamps = [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")
               for m in re.finditer(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (?:INFO|WARNING) ", text, re.M)]
-    assert len(stamps) >= 5, text
     gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
-    assert max(gaps) <= 1 + 3, text  # the interval, plus the seconds' rounding and one slow step
+    # One-second timestamps, and DeepSpeed's engine start-up, which no progress line covers (2 s here).
+    assert max(gaps) <= 5, text
