@@ -17,6 +17,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
 "$PY" benchmarks/bench_overhead.py --repeats 5 --set 'deepspeed.extra={"zero_optimization": {"contiguous_gradients": true}}' \
   --out benchmarks/results/overhead_contiguous_gradients.json
 "$PY" benchmarks/bench_overhead.py --repeats 3 --ranks 0 --out benchmarks/results/overhead_alloc_tuned.json
+"$PY" benchmarks/bench_overhead.py --repeats 3 --ranks 0 --set deepspeed.zero_stage=0 \
+  --out benchmarks/results/overhead_zero0.json
 "$PY" benchmarks/bench_overhead.py --repeats 3 --ranks 0 --allocator glibc-default \
   --out benchmarks/results/overhead_alloc_glibc_default.json
 "$PY" benchmarks/bench_overhead.py --repeats 3 --ranks 0 --allocator glibc-default --set finetune.eval_batch_size=256 \

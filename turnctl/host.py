@@ -69,11 +69,11 @@ def tune_allocator() -> bool:
     """Keep freed activation memory in glibc's heap instead of unmapping it (Linux, glibc).
 
     By default glibc maps every large block (an activation, a batch) afresh and unmaps it on free,
-    and the kernel zero-fills each page on first touch again: on 2 CPU cores half of the per-sample
-    loss pass over EfficientNet-Lite0 at 64 px was system time (1.4M page faults per 1,258 images).
-    A fixed mmap threshold at its maximum (32 MiB), a 1 GiB trim threshold and a 256 MiB top pad
-    (the heap grows in large steps; 64 MiB still left ~240k faults per pass) make the heap keep and
-    reuse that memory: no page faults after the first batch, the forward 1.3-2x faster, at the
+    and the kernel zero-fills each page on first touch again: on 2 CPU cores a no-grad pass of
+    EfficientNet-Lite0 at 64 px over 1,258 images took 636k page faults at batch 128 (1.5M at 256)
+    and 1.3 s of system time (bench_overhead.py). A fixed mmap threshold at its maximum (32 MiB), a
+    1 GiB trim threshold and a 256 MiB top pad (the heap grows in large steps) make the heap keep and
+    reuse that memory: no page faults after the first batch, the no-grad passes 1.8-1.9x faster, at the
     price of a resident size that stays at its peak. The same idea as the jemalloc / tcmalloc
     preload that PyTorch's CPU performance guides recommend. ``TURNCTL_MALLOC_TUNING=0`` turns it
     off; a user's own allocator settings are kept. Returns whether it was applied.

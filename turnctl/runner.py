@@ -344,7 +344,7 @@ def _saved_selection(run: RunDir, epoch: int) -> np.ndarray:
 
 
 def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf, *,
-                  holdout: Optional[np.ndarray] = None, clock: Optional[PhaseTimes] = None) -> Dict[str, Any]:
+                  clock: PhaseTimes, holdout: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """Extract (or load) features on all ranks, train the head on rank 0, broadcast it.
 
     The method's registry entry picks the trainer (:func:`train_step1`); extra state a trainer
@@ -355,7 +355,6 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
     from turnctl.features import CachePlan, choose_cache_dir, extract_features
 
     step1 = METHODS[recipe.method].step1  # its name in the logs and method_state.pt
-    clock = clock or PhaseTimes()
     # Settled before the first forward: an unwritable cache must not cost a whole feature pass.
     plan = CachePlan(None)
     if recipe.features.cache:
@@ -474,8 +473,8 @@ def _finish_lp(recipe, run, backbone, probe_out, result, t_start, clock: PhaseTi
 
 
 def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoch: int, *,
-             holdout: Optional[np.ndarray] = None, precomputed: Optional[Dict[str, np.ndarray]] = None,
-             clock: Optional[PhaseTimes] = None):
+             clock: PhaseTimes, holdout: Optional[np.ndarray] = None,
+             precomputed: Optional[Dict[str, np.ndarray]] = None):
     """Per-sample losses (all ranks) -> GMM + balanced subset (rank 0) -> the subset (broadcast).
 
     ``precomputed``: the previous epoch's evaluation pass over train with the same weights (when a
@@ -483,7 +482,6 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
     are neither fitted nor selected."""
     from turnctl.cleanse import balanced_subset, select_clean
 
-    clock = clock or PhaseTimes()
     out = precomputed
     if out is None:
         with clock("loss_pass"):

@@ -125,8 +125,8 @@ class Recipe(Section):
                 zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
         if device_type == "cpu" and ds.zero_stage in (1, 2):
             # On CPU ranks the copy of every gradient into one contiguous buffer (which spares GPU
-            # memory fragmentation) is pure cost: without it a ZeRO-2 epoch is 4% (1 rank) to 8%
-            # (2 ranks) faster with bit-identical losses (benchmarks/RESULTS.md, bench_overhead.py).
+            # memory fragmentation) is pure cost: without it a ZeRO-2 epoch is about 10% faster on 1
+            # and on 2 ranks, with bit-identical losses (benchmarks/RESULTS.md, bench_overhead.py).
             zero["contiguous_gradients"] = False
         if ds.offload_optimizer:  # validation refuses it with ZeRO stage 0
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
