@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from turnctl.data.format import IDX_TAR_ORDER
+
 # Offset added to the seed so the hold-out draw never coincides with another seeded draw of the run.
 _SALT = 7_919
 
@@ -69,6 +71,8 @@ def read_given_labels(info) -> np.ndarray:
     from turnctl.data import iter_tar
 
     labels = np.full(info.num_samples, -1, dtype=np.int64)
+    if info.layout.idx == IDX_TAR_ORDER:  # `turnctl index` shards: idx by position, label by field
+        return _read_tar_order_labels(info, labels)
     for path in info.shard_paths:
         pending = {}  # key -> {"idx": .., "cls": ..}: a sample's members are adjacent in a shard
         try:
@@ -84,6 +88,34 @@ def read_given_labels(info) -> np.ndarray:
                         i, c = int(row["idx"]), int(row["cls"])
                         if 0 <= i < info.num_samples:
                             labels[i] = c
+        except (OSError, ValueError, tarfile.TarError) as exn:
+            raise DataError(f"{path}: cannot read the labels for the validation hold-out ({exn})") from None
+    return labels
+
+
+def _read_tar_order_labels(info, labels: np.ndarray) -> np.ndarray:
+    """:func:`read_given_labels` for shards numbered in tar order (``turnctl index``): the reader's
+    own numbering (turnctl/data/tar.py) and label parser (turnctl/data/format.py)."""
+    import tarfile
+
+    from turnctl.data import iter_tar
+    from turnctl.data.format import read_label
+    from turnctl.data.tar import numbered_members
+    from turnctl.errors import DataError
+
+    first = {name: start for name, start, _ in info.layout.shards}
+    member = "." + info.layout.label_member
+    for path in info.shard_paths:
+        start = first[path.name]
+        try:
+            with open(path, "rb") as f:
+                for name, data, pos in numbered_members(iter_tar(f, suffixes=(member,))):
+                    i = start + pos
+                    if 0 <= i < info.num_samples:
+                        try:
+                            labels[i] = read_label({info.layout.label_member: data}, info.layout.label_field)
+                        except (KeyError, ValueError):
+                            pass  # -1: never held out (the reader reports the sample)
         except (OSError, ValueError, tarfile.TarError) as exn:
             raise DataError(f"{path}: cannot read the labels for the validation hold-out ({exn})") from None
     return labels

@@ -1,10 +1,12 @@
 """The on-disk contract between ``turnctl prepare`` and every reader (docs/ARCHITECTURE.md).
 
-One home for what a prepared dataset directory must look like: the manifest format string
-(:data:`FORMAT`, which turnctl/prepare/writer.py writes), the image member extensions, the
-schema of ``manifest.json`` / ``sizes.json`` (pydantic, one line naming the file and field), the
-size limits checked before either is read, the shard-name rule, the shard hash, and
-:func:`open_split`, which checks all of it and returns a :class:`SplitInfo`.
+One home for what a prepared dataset directory must look like: the manifest format strings
+(:data:`FORMAT`, which turnctl/prepare/writer.py writes, and :data:`INDEX_FORMAT`, which ``turnctl
+index`` writes next to shards it did not write), the image member extensions, the schema of
+``manifest.json`` / ``sizes.json`` (pydantic, one line naming the file and field), the size limits
+checked before either is read, the shard-name rule, the shard hash, where a sample's idx and label
+come from (:class:`SampleLayout`, :func:`read_label`), and :func:`open_split`, which checks all of
+it and returns a :class:`SplitInfo`.
 
 Imported by prepare as well as by the readers, so it stays light: no torch, no webdataset, no PIL.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -26,8 +29,106 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from turnctl.errors import DataError
 
 FORMAT = "turnctl-shards/1"  # manifest.json's "format"
+# The format of a manifest `turnctl index` wrote beside shards it did not write (plain webdataset
+# TarWriter output). Read exactly like FORMAT; a format of its own so that `turnctl prepare
+# --overwrite` (which replaces only a FORMAT directory) never deletes a user's shards, and so that
+# `turnctl index` knows which manifest.json it may replace.
+INDEX_FORMAT = "turnctl-index/1"
+READABLE_FORMATS = (FORMAT, INDEX_FORMAT)
 # The members that carry the image, by extension; a sample's other members are ASCII integers.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+# splits.<name>.idx: where a sample's idx comes from. "member" (prepare; also when absent): its
+# ``idx`` member. "tar_order" (index): the shard's ``first_idx`` (manifest ``shards.<file>``) plus
+# the sample's position in its shard; shards in name order, so idx runs 0..N-1 over the split.
+IDX_MEMBER = "member"
+IDX_TAR_ORDER = "tar_order"
+# splits.<name>.label_field: the member holding the given label as an ASCII integer (default
+# "cls"), or "json:FIELD", an integer under the top-level key FIELD of the sample's ``json`` member.
+DEFAULT_LABEL_FIELD = "cls"
+JSON_LABEL_PREFIX = "json:"
+_MEMBER_NAME = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)*")
+
+
+def check_label_field(label_field: str) -> str:
+    """``label_field`` if it names a label member or a json field; ValueError saying why not.
+
+    >>> check_label_field("cls"), check_label_field("json:label")
+    ('cls', 'json:label')
+    >>> check_label_field("jpg")
+    Traceback (most recent call last):
+    ...
+    ValueError: label field 'jpg' is an image member; give the member that holds the label (cls) or json:FIELD
+    """
+    if label_field.startswith(JSON_LABEL_PREFIX):
+        if not label_field[len(JSON_LABEL_PREFIX):]:
+            raise ValueError("label field 'json:' names no field; write json:FIELD, e.g. json:label")
+        return label_field
+    if label_field in IMAGE_EXTS:
+        raise ValueError(f"label field {label_field!r} is an image member; give the member that holds the "
+                         "label (cls) or json:FIELD")
+    if label_field in ("idx", "json") or not _MEMBER_NAME.fullmatch(label_field):
+        raise ValueError(f"label field {label_field!r} is not a member extension (lower case, e.g. cls) "
+                         "or json:FIELD")
+    return label_field
+
+
+def read_label(sample: Mapping[str, bytes], label_field: str) -> int:
+    """The given label of ``sample`` (member extension -> bytes) under ``label_field``.
+
+    The one parser of labels of indexed shards, used by ``turnctl index`` when it checks them and
+    by the reader (turnctl/data/stages.py) when it trains on them, so the two never disagree.
+    KeyError when the member is missing, ValueError when it holds no integer (the message says what
+    it holds). Nothing is unpickled; a json member is parsed as JSON only.
+
+    >>> read_label({"cls": b"7"}, "cls"), read_label({"json": b'{"label": 3}'}, "json:label")
+    (7, 3)
+    >>> read_label({"json": b'{"label": "cat"}'}, "json:label")
+    Traceback (most recent call last):
+    ...
+    ValueError: json field 'label' is 'cat', not an integer
+    """
+    if label_field.startswith(JSON_LABEL_PREFIX):
+        name = label_field[len(JSON_LABEL_PREFIX):]
+        if "json" not in sample:
+            raise KeyError("no json member")
+        try:
+            obj = json.loads(sample["json"])
+        except (ValueError, RecursionError) as exn:
+            raise ValueError(f"the json member is not valid JSON ({exn})") from None
+        if not isinstance(obj, dict) or name not in obj:
+            raise KeyError(f"the json member has no field {name!r}")
+        value = obj[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"json field {name!r} is {_shown(value)}, not an integer")
+        return value
+    if label_field not in sample:
+        raise KeyError(f"no {label_field} member")
+    raw = sample[label_field]
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"the {label_field} member holds {_shown(bytes(raw[:40]))}, not an ASCII integer") from None
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """Where the reader finds a split's idx and given label (its only per-dataset switches).
+
+    The default is prepare's shards: an ``idx`` member, ``cls`` and ``clean.cls`` members.
+    ``turnctl index`` datasets number samples in tar order (``shards``: (file name, first idx,
+    count) per shard) and read the label from ``label_field``; they have no true labels.
+    """
+
+    idx: str = IDX_MEMBER
+    label_field: str = DEFAULT_LABEL_FIELD
+    shards: Tuple[Tuple[str, int, int], ...] = ()
+    clean_member: Optional[str] = "clean.cls"
+
+    @property
+    def label_member(self) -> str:
+        """The member extension the label is read from (``json`` for a json field)."""
+        return "json" if self.label_field.startswith(JSON_LABEL_PREFIX) else self.label_field
 
 
 @dataclass(frozen=True)
@@ -37,7 +138,8 @@ class SplitInfo:
     ``shard_paths`` / ``shard_sizes`` are in shard-name order (``train-000000.tar`` first).
     ``fingerprint`` is a sha256 over the split's shard names, sample counts and the shards' sha256
     as recorded in the manifest: caches of per-sample results (features) key on it, so a
-    re-prepared dataset never reuses a stale cache.
+    re-prepared dataset never reuses a stale cache. ``layout`` says where the reader finds each
+    sample's idx and label (an ``idx`` member, or tar order for ``turnctl index`` datasets).
     """
 
     root: Path
@@ -50,6 +152,7 @@ class SplitInfo:
     has_clean: bool
     fingerprint: str
     manifest: Mapping[str, Any] = field(repr=False, compare=False, hash=False)
+    layout: SampleLayout = SampleLayout()
 
     @property
     def num_shards(self) -> int:
@@ -84,6 +187,7 @@ class _ShardMeta(_Meta):
     split: str
     bytes: Optional[int] = _Count  # absent in older manifests: no size check
     sha256: Optional[str] = None
+    first_idx: Optional[int] = Field(default=None, strict=True, ge=0)  # idx "tar_order" only
 
 
 class _SplitMeta(_Meta):
@@ -91,6 +195,20 @@ class _SplitMeta(_Meta):
     # The list of shard names, or (older manifests) just their number.
     shards: Any = None
     has_clean: bool = False
+    idx: Optional[str] = None  # IDX_MEMBER when absent
+    label_field: Optional[str] = None  # DEFAULT_LABEL_FIELD when absent
+
+    @field_validator("idx")
+    @classmethod
+    def _idx_source(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in (IDX_MEMBER, IDX_TAR_ORDER):
+            raise ValueError(f"expected {IDX_MEMBER!r} or {IDX_TAR_ORDER!r}, got {_shown(v)}")
+        return v
+
+    @field_validator("label_field")
+    @classmethod
+    def _label_field(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else check_label_field(v)
 
     @field_validator("shards")
     @classmethod
@@ -240,8 +358,8 @@ def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> S
             for name in smeta["shards"]:
                 _check_shard_name(root, mpath, name)
     fmt = manifest.get("format")
-    if fmt is not None and fmt != FORMAT:
-        raise DataError(f"{mpath}: format {fmt!r}, this turnctl reads {FORMAT!r}")
+    if fmt is not None and fmt not in READABLE_FORMATS:
+        raise DataError(f"{mpath}: format {fmt!r}, this turnctl reads {' or '.join(map(repr, READABLE_FORMATS))}")
     splits = manifest.get("splits") or {}
     if split not in splits:
         raise DataError(
@@ -294,11 +412,41 @@ def open_split(root: Union[str, Path], split: str, *, verify: bool = False) -> S
     class_names = tuple(str(c) for c in (manifest.get("class_names") or range(num_classes)))
     if len(class_names) != num_classes:
         raise DataError(f"{mpath}: num_classes / class_names missing or inconsistent")
+    layout = _layout(mpath, split, sdesc, names, counts, shards_meta)
     return SplitInfo(
         root=root, split=split, shard_paths=tuple(paths), shard_sizes=tuple(counts),
         num_samples=total, num_classes=num_classes, class_names=class_names,
-        has_clean=bool(sdesc.get("has_clean", False)), fingerprint=h.hexdigest(), manifest=manifest,
+        has_clean=bool(sdesc.get("has_clean", False)) and layout.clean_member is not None,
+        fingerprint=h.hexdigest(), manifest=manifest, layout=layout,
     )
+
+
+def _layout(mpath: Path, split: str, sdesc: Mapping[str, Any], names: List[str], counts: List[int],
+            shards_meta: Mapping[str, Any]) -> SampleLayout:
+    """The split's :class:`SampleLayout`; for ``tar_order`` the recorded first idx of every shard
+    must be the running count over the shards in name order (what ``turnctl index`` writes), so
+    that idx covers 0..N-1 exactly once."""
+    label_field = sdesc.get("label_field") or DEFAULT_LABEL_FIELD
+    if (sdesc.get("idx") or IDX_MEMBER) == IDX_MEMBER:
+        return SampleLayout(label_field=label_field)
+    start, table = 0, []
+    for name, n in zip(names, counts):
+        first = shards_meta[name].get("first_idx")
+        if first != start:
+            raise DataError(f"{mpath}: shards.{name}.first_idx is {_shown(first)}, expected {start} (the samples "
+                            f"of the {split!r} shards before it, in name order); re-run `turnctl index`")
+        table.append((name, start, n))
+        start += n
+    return SampleLayout(idx=IDX_TAR_ORDER, label_field=label_field, shards=tuple(table), clean_member=None)
+
+
+def manifest_format(path: Path) -> Optional[str]:
+    """The ``format`` of the JSON object in ``path`` (None when it has none or is no JSON object),
+    read under the manifest size limit; DataError when it cannot be read. For writers deciding
+    whether a manifest.json is theirs to replace, before its schema matters."""
+    raw = _read_json(Path(path), "manifest.json", MAX_MANIFEST_BYTES)
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    return fmt if isinstance(fmt, str) else None
 
 
 def sha256_file(path: Path) -> str:

@@ -94,9 +94,9 @@ def _pipeline(info: SplitInfo, c: _Counters, shards: List[Callable], *, transfor
     handler = CountingHandler(c)
     return wds.DataPipeline(
         shards,
-        wds.pipelinefilter(expand_tars)(handler),
+        wds.pipelinefilter(expand_tars)(handler, info.layout),
         wds.pipelinefilter(group_samples)(handler),
-        _Parse(info.num_samples, info.num_classes, c, keep=keep, strict=exact),
+        _Parse(info.num_samples, info.num_classes, c, keep=keep, strict=exact, layout=info.layout),
         shuffle,
         _Decode(transform, c, skip=not exact),
         _Batch(batch_size, c, partial=exact),

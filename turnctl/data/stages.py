@@ -5,7 +5,8 @@ same :class:`webdataset.DataPipeline` runs in-process (``num_workers=0``) or in 
 workers under fork, spawn or forkserver; turnctl/data/loaders.py puts them together. In order:
 which shards (:class:`_ShardList`, :class:`_EpochShuffle`, :class:`_SplitByRank`,
 :class:`_Cycle`), then per sample: :class:`_Parse` (only the ASCII integers ``idx`` / ``cls`` /
-``clean.cls`` are parsed, nothing is unpickled, ``keep_idx`` is applied before decoding),
+``clean.cls`` are parsed, or a ``turnctl index`` dataset's tar-order idx and label field; nothing
+is unpickled, ``keep_idx`` is applied before decoding),
 :class:`_SampleShuffle`, :class:`_Decode` (PIL, by turnctl/data/decode.py); batching is in
 turnctl/data/batches.py.
 
@@ -16,6 +17,7 @@ Errors are counted by a :class:`CountingHandler` with rate-limited logging, neve
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from itertools import islice
@@ -26,7 +28,7 @@ import torch
 from PIL import Image
 
 from turnctl.data.decode import decode_image
-from turnctl.data.format import IMAGE_EXTS
+from turnctl.data.format import IDX_TAR_ORDER, IMAGE_EXTS, SampleLayout, read_label
 from turnctl.errors import DataError
 
 log = logging.getLogger("turnctl.data")
@@ -196,22 +198,40 @@ class _Parse:
     """Sample dict -> ``(idx, cls, clean, image_bytes, key, url)``; drops what ``keep`` excludes.
 
     Runs before the shuffle buffer and before decoding: the buffer then holds compressed bytes
-    only, and filtered samples are never decoded. Only ASCII integers are parsed; nothing is
-    unpickled. In strict (exact) mode a sample with a valid idx is always kept (a bad image or
-    label becomes ``ok=False`` downstream) so that every idx reaches the caller exactly once.
+    only, and filtered samples are never decoded. Only ASCII integers are parsed (and, for a
+    ``json:FIELD`` label, JSON); nothing is unpickled. In strict (exact) mode a sample with a valid
+    idx is always kept (a bad image or label becomes ``ok=False`` downstream) so that every idx
+    reaches the caller exactly once. ``layout`` (turnctl/data/format.py) says where idx and label
+    are: prepare's ``idx``/``cls``/``clean.cls`` members by default; for ``turnctl index`` shards,
+    idx = the shard's first idx + the sample's position in it (``__pos__``, turnctl/data/tar.py).
     """
 
     def __init__(self, num_samples: int, num_classes: int, counters: _Counters, *,
-                 keep: Optional[np.ndarray] = None, strict: bool = False):
+                 keep: Optional[np.ndarray] = None, strict: bool = False,
+                 layout: SampleLayout = SampleLayout()):
         self.num_samples, self.num_classes = num_samples, num_classes
         self.counters, self.keep, self.strict = counters, keep, strict
+        self.tar_order = layout.idx == IDX_TAR_ORDER
+        self.label_field, self.clean_member = layout.label_field, layout.clean_member
+        self.first_idx = {name: (first, count) for name, first, count in layout.shards}
+
+    def _tar_order_idx(self, s: Mapping[str, Any]) -> int:
+        name = os.path.basename(s["__url__"])
+        if name not in self.first_idx:
+            raise ValueError(f"shard {name} is not in the manifest")
+        first, count = self.first_idx[name]
+        pos = s["__pos__"]
+        if pos >= count:
+            raise ValueError(f"sample {pos + 1} of a shard the manifest says holds {count}")
+        return first + pos
 
     def __call__(self, src):
         c, keep, n, ncls, strict = self.counters, self.keep, self.num_samples, self.num_classes, self.strict
+        tar_order, label_field, clean_member = self.tar_order, self.label_field, self.clean_member
         for s in src:
             c.read += 1
             try:
-                idx = int(s["idx"])
+                idx = self._tar_order_idx(s) if tar_order else int(s["idx"])
             except (KeyError, ValueError) as exn:
                 c.corrupt += 1
                 c.warn(f"{s.get('__key__')} in {s.get('__url__')}: no valid idx ({exn!r}); dropped")
@@ -224,10 +244,10 @@ class _Parse:
                 c.filtered += 1
                 continue
             try:
-                cls = int(s["cls"])
+                cls = int(s["cls"]) if label_field == "cls" else read_label(s, label_field)
                 if not 0 <= cls < ncls:
-                    raise ValueError(f"cls {cls} outside [0, {ncls})")
-                clean = int(s["clean.cls"]) if "clean.cls" in s else -1
+                    raise ValueError(f"{label_field} {cls} outside [0, {ncls})")
+                clean = int(s[clean_member]) if clean_member in s else -1
             except (KeyError, ValueError) as exn:
                 if not strict:
                     c.corrupt += 1

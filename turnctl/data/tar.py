@@ -5,8 +5,10 @@
 as webdataset does. The tar reader (:func:`iter_tar`) is a small ustar/gnu/pax parser: Python's
 ``tarfile`` costs ~0.1 ms per member, more than decoding a small JPEG, and would cap a worker at
 ~40% of PIL's decode rate (see benchmarks/bench_reader.py). Only the members the reader uses
-(images, ``idx``, ``cls``, ``clean.cls``) are read; every other member is skipped unread, so a
-``.pyd``/``.pickle`` member is never even loaded.
+(images, ``idx``, ``cls``, ``clean.cls``; for a ``turnctl index`` dataset the images and its label
+member) are read; every other member is skipped unread, so a ``.pyd``/``.pickle`` member is never
+even loaded. Samples of shards without an ``idx`` member are numbered by their position in the
+shard (:func:`numbered_members`), the rule ``turnctl index`` assigns idx by.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import tarfile
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
-from turnctl.data.format import IMAGE_EXTS
+from turnctl.data.format import IDX_TAR_ORDER, IMAGE_EXTS, SampleLayout
 
 _ZERO_BLOCK = bytes(512)
 # Member suffixes the reader uses (lower case; "clean.cls" ends in ".cls"). Everything else is
@@ -118,22 +120,71 @@ def _skip(fileobj, n: int) -> None:
         fileobj.read(n)
 
 
-def expand_tars(src: Iterable[Dict[str, Any]], handler: Callable[[BaseException], bool]):
+def member_key(name: str) -> Optional[Tuple[str, str]]:
+    """``(key, extension)`` of a tar member by webdataset's rule (the key ends at the first dot of
+    the last path component; the extension is lower-cased), None for a name without one.
+
+    >>> member_key("a/b_1.clean.CLS"), member_key("README"), member_key("x/.hidden")
+    (('a/b_1', 'clean.cls'), None, None)
+    """
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot <= slash + 1:
+        return None
+    return name[:dot], name[dot + 1:].lower()
+
+
+def numbered_members(members: Iterable[Tuple[str, bytes]]) -> Iterator[Tuple[str, bytes, int]]:
+    """``(name, data, position)``: the position of the member's sample in the shard, counting runs
+    of consecutive members with the same key from 0 (:func:`group_samples`' grouping; members
+    without a key are dropped, as it drops them). ``turnctl index`` numbers samples this way over
+    all members, the reader over the members it reads: the same numbers whenever every sample has
+    a member the reader reads, which index checks."""
+    pos, last = -1, None
+    for name, data in members:
+        kx = member_key(name)
+        if kx is None:
+            continue
+        if kx[0] != last:
+            pos, last = pos + 1, kx[0]
+        yield name, data, pos
+
+
+def layout_suffixes(layout: Optional[SampleLayout]) -> Tuple[str, ...]:
+    """The member suffixes the reader reads for ``layout`` (prepare's shards when None)."""
+    if layout is None or layout.idx != IDX_TAR_ORDER:
+        if layout is not None and ("." + layout.label_member) not in _WANTED_SUFFIXES:
+            return _WANTED_SUFFIXES + ("." + layout.label_member,)
+        return _WANTED_SUFFIXES
+    return tuple("." + e for e in IMAGE_EXTS) + ("." + layout.label_member,)
+
+
+def expand_tars(src: Iterable[Dict[str, Any]], handler: Callable[[BaseException], bool],
+                layout: Optional[SampleLayout] = None):
     """``{"url": path}`` dicts -> member dicts ``{"fname", "data", "__url__"}``, then ``{}`` per shard.
 
     Same output contract as ``webdataset.tariterators.tar_file_expander`` (the end-of-shard ``{}``
-    included); only the members the reader uses are read. Local paths only (prepare writes to disk).
+    included); only the members the reader uses (for ``layout``, default: prepare's) are read.
+    For a tar-order ``layout`` each member dict also holds ``__pos__``, its sample's position in
+    the shard (:func:`numbered_members`), from which the reader derives idx. Local paths only.
     """
+    suffixes = layout_suffixes(layout)
+    numbered = layout is not None and layout.idx == IDX_TAR_ORDER
     for source in src:
         url = source["url"]
         part, parts = source.get("part", 0), source.get("parts", 1)
         try:
             with open(url, "rb", buffering=1 << 20) as f:
-                members = iter_tar(f, _WANTED_SUFFIXES)
-                if parts > 1:
-                    members = _take_part(members, part, parts)
-                for name, data in members:
-                    yield {"fname": name, "data": data, "__url__": url}
+                if numbered:
+                    for name, data, pos in numbered_members(iter_tar(f, suffixes)):
+                        if pos % parts == part:
+                            yield {"fname": name, "data": data, "__url__": url, "__pos__": pos}
+                else:
+                    members = iter_tar(f, suffixes)
+                    if parts > 1:
+                        members = _take_part(members, part, parts)
+                    for name, data in members:
+                        yield {"fname": name, "data": data, "__url__": url}
         except Exception as exn:  # noqa: BLE001 -- the handler decides
             exn.args = tuple(exn.args) + (url,)
             if not handler(exn):
@@ -176,10 +227,14 @@ def group_samples(files: Iterable[Dict[str, Any]], handler: Callable[[BaseExcept
         if dot <= slash + 1:
             continue
         key, ext = fname[:dot], fname[dot + 1:].lower()
-        if current is None or current["__key__"] != key:
+        # A new sample starts where the key changes, or (numbered members) the position does:
+        # two samples of a shard that share a key stay apart when a shard part skips the ones between.
+        if current is None or current["__key__"] != key or ("__pos__" in f and current["__pos__"] != f["__pos__"]):
             if current is not None:
                 yield current
             current = {"__key__": key, "__url__": f["__url__"]}
+            if "__pos__" in f:  # tar-order numbering (expand_tars with an index layout)
+                current["__pos__"] = f["__pos__"]
         if ext in current:
             handler(ValueError(f"{fname}: duplicate member in {f['__url__']} (kept the first)"))
             continue

@@ -68,6 +68,32 @@ def split_record(w: Written, *, num_classes: int, noised: bool) -> Dict[str, Any
     }
 
 
+def given_only_split_record(*, count: int, shards: List[str], per_class_given: List[int],
+                            **extra: Any) -> Dict[str, Any]:
+    """``splits.<name>`` for a split known only by its given labels, tallied as its shards were read
+    (``turnctl index``): the fields :func:`split_record` writes, with no true labels, no noise
+    turnctl applied and nothing skipped; ``extra`` adds fields (e.g. where idx comes from)."""
+    return {
+        "count": int(count),
+        "shards": list(shards),
+        "per_class_given": [int(n) for n in per_class_given],
+        "per_class_clean": None,
+        "has_clean": False,
+        "clean_known": 0,
+        "noised": False,
+        "realised_noise_rate": None,
+        "skipped": {"count": 0, "items": [], "items_truncated": False},
+        **extra,
+    }
+
+
+def write_sizes_then_manifest(directory: Path, sizes: Mapping[str, int], manifest: Mapping[str, Any]) -> None:
+    """``sizes.json``, then ``manifest.json`` (each atomically): the manifest last, so its presence
+    marks a complete dataset."""
+    write_json(Path(directory) / "sizes.json", dict(sizes))
+    write_json(Path(directory) / "manifest.json", dict(manifest))
+
+
 def noise_summary(record: Dict[str, Any], written: Mapping[str, Written], *, num_classes: int) -> Dict[str, Any]:
     """The manifest's ``noise``: ``record`` (what was asked for) plus what the written labels show."""
     trues, gives, bases = [], [], []
@@ -112,7 +138,6 @@ def write_manifest(directory: Path, written: Mapping[str, Written], *, dataset: 
             shard_table[s["file"]] = {"sha256": s["sha256"], "bytes": s["bytes"], "count": s["count"],
                                       "split": name}
             sizes[s["file"]] = s["count"]
-    write_json(directory / "sizes.json", sizes)
     manifest = {
         "format": FORMAT,
         "dataset": dataset,
@@ -127,5 +152,5 @@ def write_manifest(directory: Path, written: Mapping[str, Written], *, dataset: 
         "options": options,
         "shards": shard_table,
     }
-    write_json(directory / "manifest.json", manifest)  # last: its presence marks a complete dataset
+    write_sizes_then_manifest(directory, sizes, manifest)
     return splits, manifest, shard_table

@@ -14,6 +14,8 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from turnctl.data import iter_tar, open_split
+from turnctl.data.format import IDX_TAR_ORDER, read_label
+from turnctl.data.tar import numbered_members
 from turnctl.logger import printable_name
 from turnctl.report.selection import Selection
 
@@ -27,6 +29,8 @@ def _read_idx_members(info: Any) -> Tuple[np.ndarray, np.ndarray]:
     n = info.num_samples
     keys = np.full(n, "", dtype=object)
     given = np.full(n, -1, dtype=np.int64)
+    if info.layout.idx == IDX_TAR_ORDER:
+        return _read_tar_order(info, keys, given)
 
     def flush(key, idx, cls):
         if key is not None and idx is not None and 0 <= idx < n:
@@ -55,6 +59,24 @@ def _read_idx_members(info: Any) -> Tuple[np.ndarray, np.ndarray]:
                 except ValueError:
                     pass  # a malformed member: the reader counts such samples as corrupt
         flush(key, idx, cls)
+    return keys, given
+
+
+def _read_tar_order(info: Any, keys: np.ndarray, given: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(keys, given)`` of ``turnctl index`` shards: idx = the shard's first idx + the sample's
+    position, the label from the split's label field (the reader's own numbering and parser)."""
+    first = {name: start for name, start, _ in info.layout.shards}
+    member = info.layout.label_member
+    for shard in info.shard_paths:
+        with open(shard, "rb", buffering=1 << 20) as f:
+            for name, data, pos in numbered_members(iter_tar(f, ("." + member,))):
+                i = first[shard.name] + pos
+                if 0 <= i < len(keys):
+                    keys[i] = name[:name.find(".", name.rfind("/") + 1)]
+                    try:
+                        given[i] = read_label({member: data}, info.layout.label_field)
+                    except (KeyError, ValueError):
+                        pass  # the reader counts such samples as corrupt
     return keys, given
 
 
