@@ -77,3 +77,29 @@ def test_unknown_methods_are_refused_before_anything_runs(tmp_path, fake_runs):
         compare_methods(load_recipe("tiny"), methods=["turn", "lp-nope"], seeds=[0], out=tmp_path / "c")
     assert fake_runs == [] and not (tmp_path / "c").exists()
     check_methods(["turn", "fft-ce"])  # known names pass
+
+
+def test_top5_sits_beside_top1_where_runs_record_it(tmp_path, monkeypatch):
+    """A run that records ``test_top5_accuracy`` (more than 5 classes) gets top-5 columns beside its top-1
+    ones; a run without it (an old run, a probe) gets None there, and its top-1 figures are untouched."""
+    top5 = {0: {"best": 0.95, "last": 0.93, "max_over_epochs": 0.96},
+            1: {"best": 0.97, "last": 0.91, "max_over_epochs": 0.98}}
+
+    def train_from_recipe(recipe, *, resume=False, stop_after=None):
+        res = {"run_dir": recipe.output.dir, "test_accuracy": {"best": 0.8, "last": 0.7, "max_over_epochs": 0.9},
+               "best_selected_on": "val", "wall_time_s": 1.0, "selection": None, "feature_cache": {}}
+        if recipe.method == "fft-ce":
+            res["test_top5_accuracy"] = top5[recipe.seed]
+        return res
+
+    monkeypatch.setattr(turnctl.runner, "train_from_recipe", train_from_recipe)
+    result = compare_methods(load_recipe("tiny"), methods=["fft-ce", "lp-ce"], seeds=[0, 1], out=tmp_path / "c")
+    fft, lp = result["table"]["fft-ce"], result["table"]["lp-ce"]
+    for col in COLUMNS:
+        assert fft[f"top5_{col}"]["mean"] == pytest.approx((top5[0][col] + top5[1][col]) / 2)
+        assert lp[f"top5_{col}"] == {"mean": None, "std": None}
+        assert fft[col]["mean"] == pytest.approx({"best": 0.8, "last": 0.7, "max_over_epochs": 0.9}[col])
+    assert [r["test_top5_last"] for r in result["runs"]] == [0.93, 0.91, None, None]
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["test_top5_accuracy"] == {"fft_ce": pytest.approx(0.92), "lp_ce": None}
+    assert summary["test_accuracy"] == {"fft_ce": pytest.approx(0.7), "lp_ce": pytest.approx(0.7)}

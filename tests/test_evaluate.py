@@ -38,7 +38,8 @@ def _constant_export(path, k: int, num_classes: int = 3):
     with torch.no_grad():
         bb.head.weight.zero_()
         bb.head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(k), num_classes).float() * 10)
-    return bb.save_pretrained(path, class_names=[f"c{i}" for i in range(num_classes)])
+    # The toy shards' names: --shards must have the model's classes, names included (check_same_classes).
+    return bb.save_pretrained(path, class_names=[f"class{i}" for i in range(num_classes)])
 
 
 @pytest.fixture(scope="module")
@@ -99,5 +100,5 @@ def test_what_is_not_a_checkpoint_is_one_line(tmp_path):
 
 def test_a_model_with_another_number_of_classes_is_refused(tmp_path, toy):
     export = _constant_export(tmp_path / "final", 0, num_classes=5)
-    with pytest.raises(TurnctlError, match="5 classes but .* has 3"):
+    with pytest.raises(TurnctlError, match=r"toy/manifest\.json has 3 classes but the model's .*final/turnctl\.json has 5"):
         evaluate_checkpoint(str(export), shards=str(toy.root), split="test", num_workers=0)

@@ -10,6 +10,10 @@ The columns (docs/PROTOCOL.md): ``best`` is the test accuracy of the epoch chose
 accuracy (None without validation data), ``last`` the last epoch's, ``max_over_epochs`` the highest
 test accuracy of any epoch: the figure the LNL papers call "best", optimistic because it is chosen
 on test.
+
+Top-5 (datasets of more than 5 classes, from runs that record it) sits beside each column under the same
+name with ``top5_`` in front (``test_top5_last``, ``top5_last``, ``test_top5_accuracy``): None where a
+run has no top-5; the top-1 keys are unchanged.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def compare_methods(recipe: Recipe, *, methods: Sequence[str], seeds: Sequence[i
                          "test_best": (res.get("test_accuracy") or {}).get("best"),
                          "test_last": (res.get("test_accuracy") or {}).get("last"),
                          "test_max_over_epochs": (res.get("test_accuracy") or {}).get("max_over_epochs"),
+                         **{f"test_top5_{col}": (res.get("test_top5_accuracy") or {}).get(col) for col in COLUMNS},
                          "best_selected_on": res.get("best_selected_on"),
                          "wall_time_s": res.get("wall_time_s"), "selection": res.get("selection"),
                          "feature_cache": res.get("feature_cache")})
@@ -77,6 +82,7 @@ def compare_methods(recipe: Recipe, *, methods: Sequence[str], seeds: Sequence[i
         table[method] = {"best": _mean_std([x["test_best"] for x in rows]),
                          "last": _mean_std([x["test_last"] for x in rows]),
                          "max_over_epochs": _mean_std([x["test_max_over_epochs"] for x in rows]),
+                         **{f"top5_{col}": _mean_std([x[f"test_top5_{col}"] for x in rows]) for col in COLUMNS},
                          "wall_time_s": _mean_std([x["wall_time_s"] for x in rows]), "seeds": list(seeds)}
     ref = table.get("fft-ce", {}).get("wall_time_s", {}).get("mean")
     for method, row in table.items():
@@ -90,6 +96,7 @@ def compare_methods(recipe: Recipe, *, methods: Sequence[str], seeds: Sequence[i
         "test_accuracy": {m.replace("-", "_"): table[m]["last"]["mean"] for m in methods},
         "test_accuracy_best": {m.replace("-", "_"): table[m]["best"]["mean"] for m in methods},
         "test_accuracy_max_over_epochs": {m.replace("-", "_"): table[m]["max_over_epochs"]["mean"] for m in methods},
+        "test_top5_accuracy": {m.replace("-", "_"): table[m]["top5_last"]["mean"] for m in methods},
         "columns": COLUMNS,
         "selection": turn_runs[-1]["selection"] if turn_runs else None,
         "wall_time_s": {m.replace("-", "_"): table[m]["wall_time_s"]["mean"] for m in methods},

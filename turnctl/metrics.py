@@ -3,6 +3,10 @@
 * :func:`accuracy`, :func:`per_class_accuracy` and :func:`accuracy_report`: top-1 of predictions
   against labels (the probe's and the two-head methods' eval sets, NMTune's epochs, the fine-tuning
   evaluations, ``turnctl evaluate``);
+* :func:`topk_hits` and :func:`prediction_outputs`: top-5 as one boolean per sample, computed from
+  the logits in the same pass as the top-1 prediction (no N x K logits are kept);
+  :func:`accuracy_report` turns them into ``top5_accuracy`` (None with 5 classes or fewer, where
+  top-5 would be 100% whatever the model);
 * :func:`selection_quality`: purity (precision) and recall of a selected set against the true labels
   where they are known (TURN's kept set and balanced subset, the two-head methods' labeled sets,
   the label-issue report);
@@ -16,9 +20,14 @@ NaN, as the caller asks), never 0.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+# Top-k accuracy is reported for this k only (the ImageNet/WebVision convention), and only with more
+# than TOP_K classes: with TOP_K or fewer every label is among the top k and the figure says nothing
+# (a top-min(k, classes) would be 100% whatever the model, so it is None rather than renamed).
+TOP_K = 5
 
 
 def accuracy(pred: Any, labels: Any, *, empty: Optional[float] = float("nan")) -> Optional[float]:
@@ -49,14 +58,64 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -
     return np.where(counts > 0, correct / np.maximum(counts, 1), np.nan)
 
 
+def topk_hits(logits: Any, labels: Any, k: int = TOP_K) -> Any:
+    """Per row: is ``labels`` among the ``k`` highest ``logits``? A bool tensor ``[N]``.
+
+    Ties are ranked as a stable descending sort ranks them: a class comes before every class with a
+    lower logit, and before a class with an equal logit when its index is lower. That is argmax's
+    rule for top-1 (the first maximum), so a top-1 hit is always a top-k hit. ``torch.topk`` makes
+    no promise among equal logits (on CPU it returns [8, 6, 7, 5, 9] for ten zeros, whose argmax is
+    0), so it is not used. Computed by counting, not sorting: O(N x K), the logits stay where they
+    are. A row whose label is unknown (``-1``) gets an arbitrary value; reports leave such rows out.
+
+    >>> import torch
+    >>> logits = torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.3, 0.0],   # ranking 3, 1, 4, 2, 0, 5
+    ...                        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])  # all tied: ranking 0, 1, 2, 3, 4, 5
+    >>> topk_hits(logits, torch.tensor([0, 5])).tolist(), topk_hits(logits, torch.tensor([5, 4])).tolist()
+    ([True, False], [False, True])
+    """
+    import torch
+
+    y = torch.as_tensor(labels, device=logits.device).long().clamp(min=0).unsqueeze(1)
+    own = logits.gather(1, y)
+    above = (logits > own).sum(1)
+    classes = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+    tied_before = ((logits == own) & (classes < y)).sum(1)
+    return (above + tied_before) < k
+
+
+def prediction_outputs(logits: Any, batch: Mapping[str, Any]) -> Dict[str, Any]:
+    """What an evaluation pass keeps per sample (a ``collect`` for ``lockstep.per_sample_pass``):
+    the top-1 prediction ``pred`` and ``top5``, whether the given label ``cls`` is among the 5
+    highest logits (:func:`topk_hits`). Two numbers a sample, whatever the number of classes."""
+    logits = logits.float()
+    return {"pred": logits.argmax(1), "top5": topk_hits(logits, batch["cls"], TOP_K)}
+
+
+def hit_rate(hits: Any, *, empty: Optional[float] = float("nan")) -> Optional[float]:
+    """Share of true values in ``hits`` (a fraction); ``empty`` when there are none.
+
+    >>> hit_rate(np.array([True, False, True, True]))
+    0.75
+    """
+    n = len(hits)
+    return empty if n == 0 else int(hits.sum()) / n
+
+
 def accuracy_report(pred: np.ndarray, labels: np.ndarray, ok: np.ndarray, *, num_classes: int,
-                    class_names: Sequence[str] = (), top_confusions: int = 5) -> Dict[str, Any]:
+                    class_names: Sequence[str] = (), top_confusions: int = 5,
+                    top5: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """Top-1, per-class accuracy and the most confused (true, predicted) pairs, over the decodable
-    samples (``ok``) whose label is known (``>= 0``).
+    samples (``ok``) whose label is known (``>= 0``); with ``top5`` (per-sample hits from
+    :func:`prediction_outputs`) also ``top5_accuracy`` over the same samples, None when there are
+    :data:`TOP_K` classes or fewer or no hits were given.
 
     >>> rep = accuracy_report(np.array([0, 1, 1]), np.array([0, 1, 0]), np.ones(3, bool), num_classes=2)
-    >>> rep["accuracy"], rep["per_class_accuracy"], rep["most_confused"]
-    (0.6666666666666666, [0.5, 1.0], [{'true': '0', 'predicted': '1', 'count': 1}])
+    >>> rep["accuracy"], rep["per_class_accuracy"], rep["most_confused"], rep["top5_accuracy"]
+    (0.6666666666666666, [0.5, 1.0], [{'true': '0', 'predicted': '1', 'count': 1}], None)
+    >>> accuracy_report(np.array([0, 1, 1]), np.array([0, 1, 0]), np.ones(3, bool), num_classes=6,
+    ...                 top5=np.array([True, True, False]))["top5_accuracy"]
+    0.6666666666666666
     """
     mask = ok.astype(bool) & (labels >= 0)
     y, p = labels[mask].astype(np.int64), pred[mask].astype(np.int64)
@@ -67,7 +126,11 @@ def accuracy_report(pred: np.ndarray, labels: np.ndarray, ok: np.ndarray, *, num
     name = (lambda c: class_names[c] if c < len(class_names) else str(c))
     pairs = [{"true": name(int(i // num_classes)), "predicted": name(int(i % num_classes)),
               "count": int(conf.flat[i])} for i in flat if conf.flat[i] > 0]
-    return {"accuracy": accuracy(p, y), "num_samples": int(y.size), "undecodable": int((~ok.astype(bool)).sum()),
+    top5_accuracy = None
+    if top5 is not None and num_classes > TOP_K:
+        top5_accuracy = hit_rate(np.asarray(top5).astype(bool)[mask])
+    return {"accuracy": accuracy(p, y), "top5_accuracy": top5_accuracy, "num_samples": int(y.size),
+            "undecodable": int((~ok.astype(bool)).sum()),
             "per_class_accuracy": [None if np.isnan(a) else float(a) for a in per_class_accuracy(p, y, num_classes)],
             "most_confused": pairs}
 

@@ -1,4 +1,4 @@
-"""``turnctl eval``: accuracy of a checkpoint on prepared shards."""
+"""``turnctl eval``: top-1 and top-5 accuracy of a checkpoint on prepared shards."""
 
 from __future__ import annotations
 
@@ -18,18 +18,23 @@ from turnctl.logger import result_console
               help="A run directory (best, chosen on validation, and last), an export (final/, best/) or a "
                    "DeepSpeed checkpoint dir.")
 @click.option("--shards", type=click.Path(file_okay=False), default=None,
-              help="Prepared dataset; default: the one the model was trained on.")
+              help="Prepared dataset; default: the one the model was trained on. Any other must have the "
+                   "model's classes: the same number and, where both name them, the same names in order.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(0))
-@click.option("--json", "as_json", is_flag=True, help="End with one JSON line holding `accuracy`.")
+@click.option("--json", "as_json", is_flag=True,
+              help="End with one JSON line holding `accuracy` and `top5_accuracy` (null with 5 classes or fewer).")
 def command(checkpoint: str, shards: Optional[str], split: str, batch_size: int, workers: int, as_json: bool) -> None:
-    """Top-1, per-class accuracy and the most confused pairs of a trained model.
+    """Top-1, top-5, per-class accuracy and the most confused pairs of a trained model.
+
+    Top-5 is shown with more than 5 classes (with 5 or fewer every label is among the top 5).
 
     \b
     Examples:
       turnctl eval --checkpoint runs/clip_l14-20261122-101500            # best and last
       turnctl eval --checkpoint runs/clip_l14-20261122-101500/final --split val
+      turnctl eval --checkpoint runs/webvision-x/final --shards shards/imagenet-val --split val
       deepspeed --module turnctl eval --checkpoint runs/x/checkpoints --json
     """
     from turnctl.evaluate import evaluate_checkpoint
@@ -49,6 +54,8 @@ def command(checkpoint: str, shards: Optional[str], split: str, batch_size: int,
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_row("top-1 accuracy", f"{100 * rep['accuracy']:.2f}%")
+        if rep.get("top5_accuracy") is not None:
+            table.add_row("top-5 accuracy", f"{100 * rep['top5_accuracy']:.2f}%")
         table.add_row("samples", str(rep["num_samples"]))
         if rep["undecodable"]:
             table.add_row("undecodable (excluded)", str(rep["undecodable"]))
