@@ -26,8 +26,8 @@ def _no_shm_left_behind():
 @pytest.fixture(autouse=True)
 def _clean_dist_env(monkeypatch):
     """In-process tests are a world of one whatever the outer environment says."""
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)  # (a suite run inside an srun step is not a task of it)
     yield
 
 

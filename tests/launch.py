@@ -59,6 +59,8 @@ def cpu_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
     })
     env.pop("PYTHONPATH", None)
+    for k in [k for k in env if k.startswith("SLURM_")]:  # the suite may itself run inside a Slurm job
+        env.pop(k)
     if extra:
         env.update(extra)
     return env
@@ -117,3 +119,34 @@ def last_json(text: str) -> dict:
             except ValueError:
                 continue
     raise AssertionError(f"no JSON line in output:\n{text[-3000:]}")
+
+
+def run_metrics(run_dir) -> list:
+    """metrics.jsonl of a run, one dict per line."""
+    import json
+
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(ref, other) -> None:
+    """Same selections, same fine-tuning metrics, same final weights."""
+    import numpy as np
+    import pytest
+    from safetensors.numpy import load_file
+
+    for e in (0, 1):
+        a = np.load(ref / "selection" / f"epoch_{e}.npz")
+        b = np.load(other / "selection" / f"epoch_{e}.npz")
+        assert np.array_equal(a["selected"], b["selected"]), f"epoch {e}: a different clean subset"
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
+    # (only the per-epoch fine-tuning lines: per-step lines depend on output.log_every_steps)
+    fa = [l for l in run_metrics(ref) if l["phase"] == "fft"]
+    fb = [l for l in run_metrics(other) if l["phase"] == "fft"]
+    assert [l["epoch"] for l in fb] == [0, 1]  # no epoch logged twice by the interrupted attempt
+    for la, lb in zip(fa, fb):
+        for key in ("train_loss", "samples", "steps", "selected", "test_accuracy", "val_accuracy"):
+            assert la[key] == pytest.approx(lb[key], rel=1e-6), key
+    wa, wb = load_file(ref / "final" / "model.safetensors"), load_file(other / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6, err_msg=k)

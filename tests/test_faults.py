@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 # RUN_ARGS: the recipe every run here shares with conftest.tiny_reference_run, so that a copy of
 # the reference can be resumed.
-from launch import REPO, RUN_ARGS, check, cpu_env, deepspeed_cmd, free_port, run, turnctl_cmd
+from launch import REPO, RUN_ARGS, assert_same_run as _assert_same_run, check, cpu_env, deepspeed_cmd, free_port, run, \
+    run_metrics as _metrics, turnctl_cmd
 
 pytestmark = [pytest.mark.faults, pytest.mark.multirank]
 
@@ -47,31 +47,6 @@ def _launch(args, fault=None, timeout=300):
 def reference(tiny_reference_run):
     """The uninterrupted run every resumed run must reproduce."""
     return tiny_reference_run[0]
-
-
-def _metrics(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _assert_same_run(ref, other):
-    """Same selections, same fine-tuning metrics, same final weights."""
-    from safetensors.numpy import load_file
-
-    for e in (0, 1):
-        a = np.load(ref / "selection" / f"epoch_{e}.npz")
-        b = np.load(other / "selection" / f"epoch_{e}.npz")
-        assert np.array_equal(a["selected"], b["selected"]), f"epoch {e}: a different clean subset"
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
-    fa = [l for l in _metrics(ref) if l["phase"] == "fft"]
-    fb = [l for l in _metrics(other) if l["phase"] == "fft"]
-    assert [l["epoch"] for l in fb] == [0, 1]  # no epoch logged twice by the interrupted attempt
-    for la, lb in zip(fa, fb):
-        for key in ("train_loss", "samples", "steps", "selected", "test_accuracy", "val_accuracy"):
-            assert la[key] == pytest.approx(lb[key], rel=1e-6), key
-    wa, wb = load_file(ref / "final" / "model.safetensors"), load_file(other / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def _spawn_ranks(args, fault, world=2):

@@ -78,6 +78,8 @@ def test_micro_steps_are_whole_optimizer_steps(world_of_one):
     assert tuner.accum == 4
     assert tuner.micro_steps_for(100) == 24  # 25 micro-batches -> 6 whole optimizer steps
     assert tuner.micro_steps_for(3) == 4  # never zero: one optimizer step at least
+    tuner.recipe = load_recipe("tiny", ["finetune.max_steps_per_epoch=2"])  # a rehearsal's cap
+    assert tuner.micro_steps_for(100) == 8 and tuner.micro_steps_for(3) == 4
 
 
 def test_accuracy_report_per_class_and_confusions():

@@ -92,3 +92,19 @@ def test_the_tuned_allocator_keeps_activation_memory_in_the_heap():
     assert not tuned_default and mapped_default >= 30  # the default: a fresh mapping per activation
     tuned, mapped, kept_free, shrunk = heap("1")
     assert tuned and mapped == 0 and kept_free >= 30 and shrunk == 0, (mapped, kept_free, shrunk)
+
+
+def test_each_environment_builds_deepspeed_ops_in_its_own_directory(tmp_path, monkeypatch):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    root = host.isolate_extension_builds(env)
+    assert env["TORCH_EXTENSIONS_DIR"] == root and root.startswith(str(tmp_path / "torch_extensions" / "turnctl-py"))
+    assert host.isolate_extension_builds(dict(env)) is None  # set already: the user's (or this) choice stays
+    again = {"XDG_CACHE_HOME": str(tmp_path)}
+    assert host.isolate_extension_builds(again) == root  # stable: every rank and every run of this env
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "another-venv"))
+    assert host.isolate_extension_builds({"XDG_CACHE_HOME": str(tmp_path)}) != root
+    # and DeepSpeed's stale-lock check looks where the builds now are
+    from turnctl.distributed import extension_build_roots
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", root)
+    assert extension_build_roots() == [root]

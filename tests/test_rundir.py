@@ -90,6 +90,20 @@ def test_open_creates_resumes_and_refuses(tmp_path):
     assert RunDir.open(_recipe(out), resume=True).path == out  # the same recipe continues
     with pytest.raises(TurnctlError, match=r"the recipe differs from the one saved in .*recipe\.yaml"):
         RunDir.open(_recipe(out, "cleanse.tau=0.5"), resume=True)
+    # how often it prints and how many checkpoints it keeps are not the run's recipe
+    assert RunDir.open(_recipe(out, "output.progress_every_s=5", "output.keep_checkpoints=1"), resume=True).path == out
+
+    # --resume auto: starts where nothing is, continues a run, refuses anything else
+    fresh = RunDir.open(_recipe(tmp_path / "auto"), resume="auto")
+    assert not fresh.resuming and fresh.is_run()
+    again = RunDir.open(_recipe(tmp_path / "auto"), resume="auto")
+    assert again.resuming and again.path == fresh.path
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(TurnctlError, match=r"--resume auto: .*foreign is not empty and holds no run"):
+        RunDir.open(_recipe(foreign), resume="auto")
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -18,8 +18,8 @@ import click
 
 from turnctl import __version__
 from turnctl.commands import (
-    compare as compare_cmd, env as env_cmd, eval as eval_cmd, prepare as prepare_cmd, report as report_cmd,
-    train as train_cmd,
+    compare as compare_cmd, env as env_cmd, eval as eval_cmd, index as index_cmd, prepare as prepare_cmd,
+    report as report_cmd, train as train_cmd,
 )
 from turnctl.distributed import describe_collective_failure, destroy, env_rank, env_world_size
 from turnctl.errors import TurnctlError
@@ -28,7 +28,7 @@ from turnctl.logger import setup_logging
 
 class _Root(click.Group):
     def list_commands(self, ctx):  # keep the data-flow order instead of alphabetical
-        order = ["prepare", "train", "eval", "compare", "report", "env"]
+        order = ["prepare", "index", "train", "eval", "compare", "report", "env"]
         return sorted(self.commands, key=lambda c: order.index(c) if c in order else len(order))
 
 
@@ -46,10 +46,13 @@ def cli(local_rank: Optional[int], verbose: bool) -> None:
       deepspeed turnctl train --recipe clip_l14      linear probe, then (cleanse -> fine-tune) x E
       turnctl eval --checkpoint runs/clip_l14-.../final
     """
+    from turnctl.slurm import adopt_launch_env
+
+    adopt_launch_env()  # `srun turnctl ...`: ranks from Slurm's task variables (turnctl/slurm.py)
     setup_logging(verbose)
 
 
-for _mod in (prepare_cmd, train_cmd, eval_cmd, compare_cmd, report_cmd, env_cmd):
+for _mod in (prepare_cmd, index_cmd, train_cmd, eval_cmd, compare_cmd, report_cmd, env_cmd):
     cli.add_command(_mod.command)
 
 
@@ -133,9 +136,10 @@ def run(argv: Optional[List[str]] = None) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from turnctl.host import tune_allocator
+    from turnctl.host import isolate_extension_builds, tune_allocator
 
     tune_allocator()  # the CLI owns its process: keep activation memory in the heap (turnctl/host.py)
+    isolate_extension_builds()  # DeepSpeed's JIT ops built per environment, never shared (turnctl/host.py)
     code = run(argv)
     if _LEAVE_AT_ONCE["value"]:
         # The process group lost a peer: destroying it, or letting the interpreter tear down its

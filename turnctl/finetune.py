@@ -17,6 +17,15 @@ warmup (the paper states none): a 100-step warmup spanned nearly all ~112 optimi
 4-epoch TURN run at 90% symmetric noise on CIFAR-100 (tests/test_lr_schedule.py). The older
 ``finetune.warmup_steps`` (warmup over the first N optimizer steps of the run, multiplied into the
 cosine) is still honoured so that older recipes reproduce their runs.
+
+Every ``output.log_every_steps`` optimizer steps (counted over the run, as HF Trainer's
+``logging_steps``, so a resumed run logs at the same steps) the epoch loop hands a ``finetune_step``
+line to ``log_metrics`` (rank 0's RunDir.log_metrics: metrics.jsonl and the trackers): the loss
+averaged over every rank's micro-batches since the previous line of the epoch (one all-reduce of
+three numbers per line, so the line is the whole run's, not rank 0's share), the LR, the samples/s of
+all ranks together and DeepSpeed's global gradient norm (None where the engine does not compute one:
+without ZeRO and without gradient clipping). The window restarts with each epoch: the epoch's own
+line covers its whole loss, and a window never mixes two clean subsets.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +46,7 @@ from turnctl import distributed as dist
 from turnctl.errors import TurnctlError
 from turnctl.lockstep import per_sample_pass
 from turnctl.logger import log, track
+from turnctl.metrics import TOP_K, prediction_outputs, topk_hits
 from turnctl.recipe import Recipe
 from turnctl.rundir import CHECKPOINT_TAG, LATEST
 from turnctl.schedule import lr_at
@@ -64,10 +74,12 @@ def epoch_lrs(ft, *, epoch: int, total_epochs: int, steps: int, accum: int, firs
 class FineTuner:
     """A DeepSpeed engine around a :class:`turnctl.models.Backbone` configured by a recipe."""
 
-    def __init__(self, backbone, recipe: Recipe):
+    def __init__(self, backbone, recipe: Recipe, *, log_metrics: Optional[Callable[[Dict[str, Any]], None]] = None):
+        """``log_metrics``: where the per-step lines go (RunDir.log_metrics; None: nowhere)."""
         import deepspeed
 
         self.recipe = recipe
+        self.log_metrics = log_metrics
         self.backbone = backbone
         self.world = dist.world_size()
         device = dist.compute_device()
@@ -119,7 +131,9 @@ class FineTuner:
         def collect(logits, batch):
             logits = logits.float()
             y = batch["cls"].to(logits.device)
-            return {"loss": F.cross_entropy(logits, y, reduction="none"), "pred": logits.argmax(1)}
+            # top5 too: with a val hold-out this pass is also the validation pass (runner._evaluate)
+            return {"loss": F.cross_entropy(logits, y, reduction="none"), "pred": logits.argmax(1),
+                    "top5": topk_hits(logits, y, TOP_K)}
 
         out = per_sample_pass(self._forward_eval, info, transform=transform, batch_size=batch_size,
                               num_workers=num_workers, collect=collect, device=self.device,
@@ -132,7 +146,7 @@ class FineTuner:
         self.engine.eval()
         return per_sample_pass(self._forward_eval, info, transform=transform, batch_size=batch_size,
                                num_workers=num_workers, device=self.device, input_dtype=self.input_dtype,
-                               collect=lambda logits, b: {"pred": logits.float().argmax(1)}, dst=0,
+                               collect=prediction_outputs, dst=0,
                                what="eval")
 
     # ---- one fine-tuning epoch -------------------------------------------------------------
@@ -140,6 +154,8 @@ class FineTuner:
         """Micro-steps per rank for one pass over ``n_samples``: whole optimizer steps only, >= 1."""
         per_micro = self.recipe.finetune.micro_batch_size * self.world
         opt_steps = max(1, (n_samples // per_micro) // self.accum)
+        if self.recipe.finetune.max_steps_per_epoch is not None:
+            opt_steps = min(opt_steps, self.recipe.finetune.max_steps_per_epoch)
         return opt_steps * self.accum
 
     def train_epoch(self, info: SplitInfo, *, epoch: int, total_epochs: int, keep_idx: Optional[np.ndarray],
@@ -190,6 +206,8 @@ class FineTuner:
         # On a GPU kernels run asynchronously: time queued by the forward/backward surfaces at the
         # next synchronising call (_check_step's .cpu(), in "bookkeeping"), not where it was queued.
         laps = _Laps()
+        window = _StepWindow(self.device)
+        log_every = self.recipe.output.log_every_steps if self.log_metrics is not None else 0
         batches = track(loader, f"fine-tune epoch {epoch}", total=steps, batch_size=ft.micro_batch_size * self.world)
         for step, batch in enumerate(batches):
             laps.lap("data")
@@ -199,6 +217,8 @@ class FineTuner:
             laps.lap("bookkeeping")
             if step < start_step:
                 continue
+            if step == start_step and start_step:
+                window.restart_clock()  # the replayed batches read before this step are not training
             x = batch["image"].to(self.device, dtype=self.input_dtype, non_blocking=True)
             y = batch["cls"].to(self.device, non_blocking=True)
             laps.lap("data")
@@ -220,6 +240,10 @@ class FineTuner:
             laps.lap("step")
             loss_sum += loss.detach().double()
             seen += int(y.shape[0])
+            window.add(loss, int(y.shape[0]))
+            # global_step is the same on every rank, so every rank joins the window's all-reduce.
+            if boundary and log_every and self.global_step % log_every == 0:
+                self._log_step(window, epoch=epoch, lr=lrs[(step + 1) // self.accum - 1])
             # The flag is all-reduced, so every rank takes this branch at the same step.
             if stop_now and boundary and step + 1 < steps:
                 interrupted = step + 1
@@ -255,6 +279,18 @@ class FineTuner:
             # (loss sum, samples) over all ranks so far: what a resumed epoch starts from.
             out.update(interrupted_at_step=interrupted, partial=[float(stats[0]), float(stats[2])])
         return out
+
+    def _log_step(self, window: "_StepWindow", *, epoch: int, lr: float) -> None:
+        """One ``finetune_step`` line for the optimizer steps since the previous one (collective)."""
+        loss_sum, micro_steps, samples, seconds = window.take()
+        get_norm = getattr(self.engine, "get_global_grad_norm", None)  # older DeepSpeed: absent
+        norm = get_norm() if get_norm is not None else None
+        norm = float(norm) if norm is not None and np.isfinite(float(norm)) else None  # (inf: an fp16 overflow)
+        if dist.rank() == 0:
+            self.log_metrics({"phase": "finetune_step", "epoch": epoch, "global_step": self.global_step,
+                              "loss": loss_sum / max(micro_steps, 1), "lr": lr,
+                              "samples_per_s": samples / max(seconds, 1e-9), "grad_norm": norm,
+                              "optimizer_steps_averaged": int(micro_steps) // (self.accum * self.world)})
 
     def _check_step(self, per_sample: torch.Tensor, batch, epoch: int, step: int, stop) -> bool:
         """One all-reduce (MAX) per micro-step of two flags: a NaN/inf loss on any rank stops every
@@ -371,6 +407,33 @@ class FineTuner:
         dist.run_on_main(lambda: self.backbone.save_pretrained(Path(out_dir), state_dict=state,
                                                                class_names=list(class_names) or None),
                          what=f"export to {out_dir}")
+
+
+class _StepWindow:
+    """The sums of one per-step metrics window: loss and micro-steps on the device (no host sync per
+    step), samples on the host; :meth:`take` all-reduces them (collective) and starts the next window."""
+
+    def __init__(self, device) -> None:
+        self._sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, micro-steps
+        self._samples = 0
+        self._start = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        self._start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self._sums[0] += loss.detach().double()
+        self._sums[1] += 1
+        self._samples += samples
+
+    def take(self):
+        """(loss sum, micro-steps, samples) over all ranks, and this rank's seconds, since the last take."""
+        total = dist.all_reduce(torch.cat([self._sums, self._sums.new_tensor([float(self._samples)])])).cpu()
+        now = time.perf_counter()
+        seconds, self._start = now - self._start, now
+        self._sums.zero_()
+        self._samples = 0
+        return float(total[0]), float(total[1]), float(total[2]), seconds
 
 
 class _Laps:

@@ -1,7 +1,7 @@
-"""Process-wide CPU settings that decide how fast a rank runs on its host: threads per rank and
-glibc's allocator. Both leave an explicit user choice alone (OMP_NUM_THREADS; MALLOC_* /
-GLIBC_TUNABLES / a preloaded jemalloc or tcmalloc) and are measured in benchmarks/RESULTS.md
-(``bench_overhead.py``).
+"""Process-wide settings of a rank on its host: threads per rank and glibc's allocator (measured in
+benchmarks/RESULTS.md, ``bench_overhead.py``), and where DeepSpeed's JIT ops are built. Each
+leaves an explicit user choice alone (OMP_NUM_THREADS; MALLOC_* / GLIBC_TUNABLES / a preloaded
+jemalloc or tcmalloc; TORCH_EXTENSIONS_DIR).
 """
 
 from __future__ import annotations
@@ -89,3 +89,33 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):  # pragma: no cover - an unusual libc
         return False
     return ok
+
+
+def isolate_extension_builds(environ=os.environ) -> Optional[str]:
+    """Give this Python environment its own torch-extension build directory when
+    TORCH_EXTENSIONS_DIR is unset; return it (None: the user's setting is kept).
+
+    torch builds DeepSpeed's JIT ops under ``~/.cache/torch_extensions/py311_cpu/`` for *every*
+    environment of that Python: two virtualenvs with different torch or DeepSpeed versions load
+    each other's builds (an ABI mismatch at best) and wait on each other's locks. The directory
+    here is keyed by the environment's prefix and the torch and DeepSpeed versions, under the
+    same cache root torch uses (``$XDG_CACHE_HOME`` or ``~/.cache``), so it survives between runs
+    and is shared only by the processes of one environment (every rank of a job computes the same).
+    """
+    if environ.get("TORCH_EXTENSIONS_DIR"):
+        return None
+    import hashlib
+    import sys
+    from importlib import metadata
+
+    versions = []
+    for dist in ("torch", "deepspeed"):
+        try:
+            versions.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist}=none")
+    key = hashlib.sha256("\n".join([os.path.realpath(sys.prefix), *versions]).encode()).hexdigest()[:12]
+    cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.path.join(cache, "torch_extensions", f"turnctl-py{sys.version_info.major}{sys.version_info.minor}-{key}")
+    environ["TORCH_EXTENSIONS_DIR"] = root
+    return root

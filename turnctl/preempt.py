@@ -36,6 +36,10 @@ class Preempted(TurnctlError):
     exit_code = EXIT_PREEMPTED
     label = "stopped: "
 
+    def __init__(self, message: str, *, signum: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.signum = signum  # this rank's signal (None: another rank's): SIGUSR1 may requeue (turnctl/slurm.py)
+
 
 class StopRequest:
     """While active, SIGTERM/SIGUSR1 set :attr:`requested` instead of killing the process.

@@ -1,7 +1,8 @@
 """The run directory: the one home of a run's file names, its atomic writes and its selection files.
 
     <run>/recipe.yaml              the resolved recipe (what --resume checks against)
-    <run>/metrics.jsonl            one line per LP epoch and per FFT epoch
+    <run>/metrics.jsonl            one line per LP epoch and per FFT epoch, and one every
+                                   output.log_every_steps optimizer steps of fine-tuning (finetune_step)
     <run>/selection/epoch_E.npz    one fine-tuning epoch's selection (:func:`load_selection_file`)
     <run>/validation_holdout.npz   the train idx held out for validation (data.val_fraction > 0)
     <run>/method_state.pt          what a step-1 method keeps besides its head (both heads, NMTune's model)
@@ -11,13 +12,17 @@
     <run>/final/  <run>/best/      Hugging Face exports (config + safetensors, classifier included)
     <run>/report/                  what ``turnctl report`` writes (CSVs, PNGs)
     <run>/features-cache/          the feature cache, when the shards' own .features is not writable
-    <run>/tensorboard/             output.tensorboard
+    <run>/tensorboard/             output.report_to: tensorboard (or the legacy output.tensorboard)
+    <run>/mlruns/  <run>/wandb/    output.report_to: mlflow (its default file store), wandb
+    <run>/trackers.json            the MLflow / W&B run ids, so that a resumed run logs into the same runs
     <run>/summary.json             the run's result, written last (wall_time_s, phase_time_s: where it went)
 
 :class:`RunLayout` gives these paths for any directory (readers of an existing run: eval, report);
 :class:`RunDir` adds the recipe and rank 0's writers for the run being trained. Every single file is
 written through :func:`atomic_path` (a temporary name, fsync, rename), so an interrupted run never
-leaves a half-written file that looks complete. Only rank 0 writes (DeepSpeed checkpoints excepted).
+leaves a half-written file that looks complete; metrics.jsonl, which grows for days, is appended to
+a whole line at a time instead (:meth:`RunDir.log_metrics`). Only rank 0 writes (DeepSpeed
+checkpoints excepted).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from turnctl.errors import TurnctlError
 from turnctl.jsonio import jsonable
 from turnctl.logger import log
 from turnctl.recipe import CleanseSection, Recipe, load_recipe, load_yaml_file
+from turnctl.trackers import STEP_PHASE, RunTrackers, metric_values, missing as missing_trackers
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -340,8 +346,11 @@ def _fresh_default_dir(name: str) -> Path:
 
 
 def _comparable(recipe: Recipe) -> Dict[str, Any]:
+    """What ``--resume`` holds equal to the saved recipe: all but where the run is, how often it
+    prints progress and how many checkpoints it keeps (a job low on disk may keep fewer)."""
     d = recipe.model_dump(mode="json")
-    d["output"].pop("dir", None)
+    for key in ("dir", "progress_every_s", "keep_checkpoints"):
+        d["output"].pop(key, None)
     return d
 
 
@@ -352,38 +361,57 @@ class RunDir(RunLayout):
     def __init__(self, path: Path, recipe: Recipe):
         super().__init__(path)
         self.recipe = recipe
+        # The metrics lines of the run's epochs (LP, FFT): what protocol_figures reads and what every
+        # checkpoint carries for --resume. The per-step lines (STEP_PHASE) go to metrics.jsonl only.
         self.history: List[Dict[str, Any]] = []
-        self._tb = None
-        self._tb_missing = False  # the tensorboard extra is not installed: said once, then skipped
+        self.trackers = RunTrackers(self.path, recipe)  # started on rank 0 only
+        self._synced = False  # metrics.jsonl rewritten from what this process knows (reset_history)
+        # (phase -> last step) the trackers already got before a resume went back: not sent twice.
+        self._tracked_until: Dict[str, int] = {}
+        self.resuming = False  # set by open(): this invocation continues an existing run
 
     @classmethod
-    def open(cls, recipe: Recipe, *, resume: bool) -> "RunDir":
+    def open(cls, recipe: Recipe, *, resume: Union[bool, str]) -> "RunDir":
         """Create (or, with resume, reopen) the run directory. Collective.
 
         Rank 0 decides, creates the directory and writes ``recipe.yaml`` (which proves the location
         writable) before any long work; a problem is broadcast so that every rank stops with the same
         line. Files turnctl did not write are never touched: a directory that exists must be empty,
-        or with ``--resume`` hold a run whose ``recipe.yaml`` equals this recipe.
+        or with ``--resume`` hold a run whose ``recipe.yaml`` equals this recipe. ``resume="auto"``
+        (``--resume auto``, for a requeued job's unchanged command line) resumes when the directory
+        holds a run, starts one when it does not exist or is empty, and refuses anything else;
+        :attr:`resuming` says which it did.
         """
+        auto = resume == "auto"
         if dist.rank() == 0:
-            path, problem = cls._decide(recipe, resume)
-            decision = {"path": str(path) if path else None, "problem": problem}
+            if auto:
+                resume = recipe.output.dir is not None and RunLayout(Path(recipe.output.dir)).recipe_file.is_file()
+            path, problem = cls._decide(recipe, resume, auto=auto)
+            decision = {"path": str(path) if path else None, "problem": problem, "resuming": bool(resume)}
         else:
             decision = None
         decision = dist.broadcast_object(decision)
         if decision["problem"]:
             raise TurnctlError(decision["problem"])
         run = cls(Path(decision["path"]), recipe)
+        run.resuming = decision["resuming"]
+        if run.resuming and auto and dist.rank() == 0:
+            log.info("--resume auto: %s holds this run; continuing it", run.path)
+        # Collective: a tracker that cannot start (a server unreachable) stops every rank now.
+        dist.run_on_main(run.trackers.start, what="starting the experiment trackers (output.report_to)")
         dist.barrier()
         return run
 
     @staticmethod
-    def _decide(recipe: Recipe, resume: bool):
+    def _decide(recipe: Recipe, resume: bool, *, auto: bool = False):
         """(path, None) with the run directory created and recipe.yaml written, or (path, problem)."""
+        problem = missing_trackers(recipe.output)  # before anything is created, as HF Trainer does
+        if problem:
+            return None, problem
         if recipe.output.dir:
             path = Path(recipe.output.dir)
-        elif resume:
-            return None, "--resume needs the run to continue: pass --out RUN_DIR"
+        elif resume or auto:
+            return None, f"--resume{' auto' if auto else ''} needs the run to continue: pass --out RUN_DIR"
         else:
             try:
                 path = _fresh_default_dir(recipe.name)
@@ -402,6 +430,9 @@ class RunDir(RunLayout):
                     return path, (f"--resume: the recipe differs from the one saved in {saved}; "
                                   "resume with the same recipe and --set overrides")
             elif path.exists() and any(path.iterdir()):
+                if auto:
+                    return path, (f"--resume auto: {path} is not empty and holds no run (no {RECIPE_FILE}); "
+                                  "it is not turnctl's to use: choose another --out")
                 return path, (f"run directory {path} is not empty; pass --resume to continue it or choose "
                               "another --out")
             path.mkdir(parents=True, exist_ok=True)
@@ -439,40 +470,88 @@ class RunDir(RunLayout):
             with atomic_path(self.method_state_file) as tmp:
                 torch.save(dict(state), tmp)
 
-    def reset_history(self, history: List[Dict[str, Any]]) -> None:
-        self.history = list(history)
-        if dist.rank() == 0:
-            self._flush()
-
-    def log_metrics(self, line: Dict[str, Any]) -> None:
-        """Append one metrics line (rank 0; rewritten atomically, so it is never half a line)."""
+    def reset_history(self, history: List[Dict[str, Any]], *, global_step: int = 0) -> None:
+        """Go back to a checkpoint (resume) or to the start (a fresh step 1): ``history`` are the epoch
+        lines the checkpoint carries, ``global_step`` its optimizer step. metrics.jsonl is rewritten
+        (atomically, once) to those lines plus its per-step lines up to ``global_step``, in the order
+        they were logged, so that the resumed run appends no line twice. What the trackers got after
+        the checkpoint is not sent to them again (the resumed run computes the same figures)."""
+        self.history = [h for h in history if h.get("phase") != STEP_PHASE]
         if dist.rank() != 0:
             return
-        line = dict(line, time=time.time())
-        self.history.append(line)
-        self._flush()
-        self._tensorboard(line)
+        kept_steps: List[Dict[str, Any]] = []
+        known = {h.get("time") for h in self.history}  # a line's time identifies it (JSON keeps floats exact)
+        for line in self._read_lines():
+            is_step = line.get("phase") == STEP_PHASE
+            if is_step and int(line.get("global_step") or 0) <= global_step:
+                kept_steps.append(line)
+            elif is_step or line.get("time") not in known:  # logged after the checkpoint: sent already
+                phase, _, step, _ = metric_values(line)
+                self._tracked_until[phase] = max(step, self._tracked_until.get(phase, step))
+        lines = sorted(self.history + kept_steps, key=lambda h: h.get("time", 0.0))  # stable: ties keep order
+        atomic_write_text(self.metrics_file, "".join(json.dumps(jsonable(h)) + "\n" for h in lines))
+        self._synced = True
 
-    def _flush(self) -> None:
-        atomic_write_text(self.metrics_file, "".join(json.dumps(jsonable(h)) + "\n" for h in self.history))
+    def _read_lines(self) -> List[Dict[str, Any]]:
+        """metrics.jsonl's lines (a torn or unreadable line skipped); [] when there is none."""
+        try:
+            text = self.metrics_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return []
+        out = []
+        for raw in text.split("\n")[:-1]:  # what follows the last newline is a torn line
+            with contextlib.suppress(ValueError):
+                line = json.loads(raw)
+                if isinstance(line, dict):
+                    out.append(line)
+        return out
 
-    def _tensorboard(self, line: Dict[str, Any]) -> None:
-        if not self.recipe.output.tensorboard or self._tb_missing:
+    def log_metrics(self, line: Dict[str, Any]) -> None:
+        """Append one metrics line to metrics.jsonl and send it to the trackers (rank 0).
+
+        Appended, not rewritten: a run logging every few steps for days must not rewrite a growing
+        file per line. The file still only changes by whole lines: each line is one write, then
+        fsynced, and a write that fails (a full disk) is cut back off. A process's first line is
+        preceded by :meth:`reset_history` (unless the run already called it), which rewrites the
+        file to what this process knows, dropping a line torn by a crash of the machine and the
+        lines of an attempt that never reached a checkpoint. Epoch lines are kept in
+        :attr:`history` too, per-step lines are not."""
+        if dist.rank() != 0:
             return
-        if self._tb is None:
+        if not self._synced:
+            self.reset_history(self.history)
+        line = dict(line, time=time.time())
+        if line.get("phase") != STEP_PHASE:
+            self.history.append(line)
+        self._append(json.dumps(jsonable(line)) + "\n")
+        phase, _, step, _ = metric_values(line)
+        if step > self._tracked_until.get(phase, -1):
+            self.trackers.log_line(line)
+
+    def _append(self, text: str) -> None:
+        data = text.encode("utf-8")
+        fd = os.open(self.metrics_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional extra: say so once
-                log.info("tensorboard is not installed; metrics go to metrics.jsonl only")
-                self._tb_missing = True
-                return
-            self._tb = SummaryWriter(str(self.tensorboard_dir))
-        step = line.get("epoch", 0)
-        for k, v in line.items():
-            if isinstance(v, (int, float)) and k not in ("epoch", "time"):
-                self._tb.add_scalar(f"{line.get('phase', 'run')}/{k}", v, step)
-        self._tb.flush()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, size)  # no half line left behind
+                raise
+        finally:
+            os.close(fd)
 
     def write_summary(self, summary: Dict[str, Any]) -> None:
+        """summary.json, written last; then the trackers get it (and the label-issue CSV, when
+        ``turnctl report`` wrote one into this directory) as artifacts and are closed (rank 0)."""
         if dist.rank() == 0:
             atomic_write_json(self.summary_file, summary)
+            self.trackers.finish(completed=True, artifacts=[self.summary_file, self.label_issues_file])
+
+    @property
+    def label_issues_file(self) -> Path:
+        """Where ``turnctl report`` writes the label issues (turnctl/report/writers.py)."""
+        return self.report_dir / "label_issues.csv"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import platform
 import sys
@@ -17,20 +18,34 @@ from turnctl.commands.common import emit_json
 from turnctl.logger import result_console
 
 _PACKAGES = ("torch", "deepspeed", "transformers", "webdataset", "safetensors", "sklearn", "numpy",
-             "PIL", "pydantic", "click", "rich", "yaml", "efficientnet_lite_pytorch", "matplotlib",
-             "tensorboard")
+             "PIL", "pydantic", "click", "rich", "yaml", "accelerate", "braceexpand", "efficientnet_lite_pytorch",
+             "matplotlib", "tensorboard", "mlflow", "wandb")
+# The distribution behind a module whose own name differs (its version is read from the metadata,
+# so a module without __version__, e.g. rich, still reports one).
+_DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyyaml",
+                  "efficientnet_lite_pytorch": "efficientnet-lite-pytorch", "mlflow": "mlflow-skinny"}
 _ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "NCCL_DEBUG", "TURNCTL_DATA", "HF_HOME",
              "HF_HUB_OFFLINE", "OMP_NUM_THREADS", "LOCAL_SIZE", "TURNCTL_MALLOC_TUNING", "LD_PRELOAD",
              "TURNCTL_PROGRESS_EVERY_S", "TURNCTL_NO_PROGRESS", "TORCH_EXTENSIONS_DIR",
-             "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")
+             "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+             "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_NODELIST", "TURNCTL_SLURM_REQUEUE")
 
 
 def _version(name: str) -> str:
-    try:
+    from importlib import metadata
+
+    if importlib.util.find_spec(name) is None:
+        return "not installed"
+    for dist in (_DISTRIBUTIONS.get(name, name), name):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    try:  # a module without distribution metadata (a source checkout): ask it
         mod = importlib.import_module(name)
-    except Exception as exc:  # not installed, or broken: both matter in a bug report
-        return "not installed" if isinstance(exc, ModuleNotFoundError) else f"broken ({type(exc).__name__})"
+    except Exception as exc:  # broken: that matters in a bug report
+        return f"broken ({type(exc).__name__})"
     return str(getattr(mod, "__version__", getattr(mod, "VERSION", "installed")))
 
 

@@ -15,13 +15,17 @@ from turnctl.distributed import (
 from turnctl.errors import DistributedError, RecipeError
 from turnctl.logger import log, result_console
 from turnctl.methods.registry import METHODS
+from turnctl.preempt import Preempted
 from turnctl.recipe import Recipe, load_recipe
+from turnctl.slurm import requeue_on
 
 
 def resolve(recipe: str, shards: Optional[str], out: Optional[str], method: Optional[str],
-            overrides: Tuple[str, ...]) -> Recipe:
-    """The recipe after ``--set`` overrides and the ``--shards/--out/--method`` shortcuts."""
-    r = load_recipe(recipe, list(overrides))
+            overrides: Tuple[str, ...], deepspeed_file: Optional[str] = None) -> Recipe:
+    """The recipe after a ``--deepspeed`` file, ``--set`` overrides and the ``--shards/--out/--method``
+    shortcuts."""
+    r = load_recipe(recipe, list(overrides), deepspeed_file=deepspeed_file,
+                    world_size=env_world_size() if deepspeed_file else None)
     try:
         if shards is not None:
             r.data.shards = shards
@@ -65,14 +69,21 @@ def methods_help() -> str:
               help="Overrides the recipe's method (listed below).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Typed override, e.g. --set finetune.lr=1e-4 (repeatable).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete checkpoint.")
+@click.option("--deepspeed", "deepspeed_file", default=None, metavar="DS_CONFIG.json",
+              help="Your DeepSpeed config (HF Trainer's flag): ZeRO stage, offload, bf16/fp16, batch sizes and "
+                   "clipping go into the recipe; communication, activation checkpointing and the rest are "
+                   "passed to DeepSpeed; optimizer/scheduler are refused (turnctl/recipe/dsfile.py).")
+@click.option("--resume", "resume", is_flag=False, flag_value="yes", default=None, metavar="[auto]",
+              help="Continue the run in --out from its last complete checkpoint. '--resume auto': continue "
+                   "it if --out holds a run, start it if --out does not exist or is empty (one command line "
+                   "for the first launch and every requeue).")
 @click.option("--stop-after", type=click.IntRange(0), default=None, metavar="E",
               help="Stop cleanly after fine-tuning epoch E is checkpointed (time-limited jobs; then --resume).")
 @click.option("--dry-run", is_flag=True, help="Resolve and validate the recipe, print it, train nothing.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of results.")
 def command(recipe_name: str, shards: Optional[str], out: Optional[str], method: Optional[str],
-            overrides: Tuple[str, ...], resume: bool, stop_after: Optional[int], dry_run: bool,
-            as_json: bool) -> None:
+            overrides: Tuple[str, ...], deepspeed_file: Optional[str], resume: Optional[str],
+            stop_after: Optional[int], dry_run: bool, as_json: bool) -> None:
     """Train with TURN (or another --method) from a recipe.
 
     \b
@@ -81,7 +92,9 @@ def command(recipe_name: str, shards: Optional[str], out: Optional[str], method:
       deepspeed turnctl train --recipe clip_l14
       turnctl train --recipe vit_b16 --set finetune.lr=1e-3 --dry-run
     """
-    r = resolve(recipe_name, shards, out, method, overrides)
+    if resume not in (None, "yes", "auto"):
+        raise click.BadParameter(f"{resume!r}: give --resume alone or --resume auto", param_hint="--resume")
+    r = resolve(recipe_name, shards, out, method, overrides, deepspeed_file)
     world = env_world_size()
     ds_config = r.deepspeed_config(world)  # checks the batch triad against WORLD_SIZE up front
     if dry_run:
@@ -101,6 +114,11 @@ def command(recipe_name: str, shards: Optional[str], out: Optional[str], method:
         return
     from turnctl.runner import train_from_recipe
 
-    result = train_from_recipe(r, resume=resume, stop_after=stop_after)
+    try:
+        result = train_from_recipe(r, resume={None: False, "yes": True}.get(resume, resume),
+                                   stop_after=stop_after)
+    except Preempted as exc:  # a checkpoint is written: under Slurm, SIGUSR1 also requeues the job
+        requeue_on(exc.signum)
+        raise
     if is_main() and as_json:
         emit_json(result)

@@ -53,6 +53,18 @@ class Backbone(nn.Module):
             return pixel_values.contiguous(memory_format=torch.channels_last)
         return pixel_values
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass instead of keeping them (``model.
+        gradient_checkpointing``): transformers' own per-layer checkpointing, non-reentrant, so it
+        works under ZeRO-3 and with a frozen input. A family without it is refused in one line."""
+        from turnctl.errors import RecipeError
+
+        enable = getattr(self.model, "gradient_checkpointing_enable", None)
+        if enable is None or not getattr(self.model, "supports_gradient_checkpointing", False):
+            raise RecipeError(f"model.gradient_checkpointing: the {self.family} backbone has no activation "
+                              "checkpointing; set it to false (or drop activation_checkpointing from --deepspeed)")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     # -- to implement ----------------------------------------------------------------------------
     @property
     def head(self) -> nn.Linear:

@@ -205,8 +205,10 @@ def validate_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         raise RecipeError(format_validation_error(source, err)) from None
 
 
-def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None) -> Recipe:
-    """Load a recipe by name (``recipes/NAME.yaml``) or path, apply ``--set`` overrides, validate.
+def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None, *,
+                deepspeed_file: Optional[str] = None, world_size: Optional[int] = None) -> Recipe:
+    """Load a recipe by name (``recipes/NAME.yaml``) or path, merge a DeepSpeed config file
+    (``--deepspeed``, turnctl/recipe/dsfile.py) over it, apply ``--set`` overrides, validate.
 
     >>> r = load_recipe("tiny", ["finetune.lr=1e-3"])
     >>> r.finetune.lr
@@ -220,5 +222,14 @@ def load_recipe(name_or_path: str, overrides: Optional[List[str]] = None) -> Rec
         raise RecipeError(f"recipe {path}: the top level must be a mapping of sections (model:, data:, ...), "
                           f"got a {type(raw).__name__}")
     raw.setdefault("name", path.stem)
+    if deepspeed_file is None:
+        return validate_recipe(apply_overrides(raw, overrides or []), str(path))
+    from turnctl.recipe import dsfile
+
+    raw, mapped = dsfile.merge_ds_config(raw, dsfile.read_ds_config(deepspeed_file), deepspeed_file)
     raw = apply_overrides(raw, overrides or [])
-    return validate_recipe(raw, str(path))
+    dsfile.check_no_conflict(raw, mapped, deepspeed_file, overrides or [])
+    recipe = validate_recipe(raw, f"{path} with --deepspeed {deepspeed_file}")
+    if world_size is not None:
+        dsfile.check_accumulation(mapped, recipe.grad_accum(world_size), deepspeed_file)
+    return recipe

@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union, get_args, g
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from turnctl.trackers import TRACKER_NAMES
+
 FAMILIES = (
     "vit", "clip", "convnext", "resnet", "vit_mae", "vit_msn", "dinov2", "auto",
     "efficientnet_lite0", "efficientnet_lite1",
@@ -71,6 +73,10 @@ class ModelSection(Section):
     # (efficientnet_*, convnext, resnet), unchanged for the transformers (a patch embedding is one
     # convolution). Only the input is converted; weights, checkpoints and exports are unaffected.
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    # Activation checkpointing while fine-tuning: recompute each layer's activations in the backward
+    # pass (transformers families only; about a third more compute for much less activation memory).
+    # An `activation_checkpointing` section in a --deepspeed file turns it on.
+    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _source(self):
@@ -183,6 +189,10 @@ class FinetuneSection(_Training):
     loss: Literal["ce", "gce", "elr"] = "ce"
     weight_decay: float = Field(default=1e-5, ge=0.0, le=1.0)
     baseline_epochs: int = Field(default=5, ge=0, le=10000)  # the FFT baselines (paper: 5)
+    # At most this many optimizer steps per fine-tuning epoch (the rest of the epoch's subset is not
+    # read): for smoke tests and scale rehearsals (benchmarks/bench_scale.py), never for results.
+    # None: the whole subset, as the paper.
+    max_steps_per_epoch: Optional[int] = Field(default=None, ge=1)
     micro_batch_size: int = Field(default=32, ge=1)
     # Linear LR warmup over this fraction of the fine-tuning (Hugging Face Trainer's `warmup_ratio`),
     # then the schedule over the rest. The fraction is of *training progress* (epochs done, as the
@@ -429,5 +439,37 @@ class OutputSection(Section):
     # pass, fine-tuning epoch, evaluation) at most this often; TURNCTL_PROGRESS_EVERY_S overrides.
     progress_every_s: float = Field(default=60.0, gt=0, le=86400)
     keep_checkpoints: int = Field(default=2, ge=1)
+    # Legacy switch of the TensorBoard writer (<run>/tensorboard/): it decides only while report_to is
+    # unset (null). Setting both and contradicting each other is an error.
     tensorboard: bool = True
     export_final: bool = True
+    # During full fine-tuning, one "finetune_step" line in metrics.jsonl (and in the trackers) every
+    # this many optimizer steps: the mean loss since the previous line, the LR, samples/s and the
+    # gradient norm (HF Trainer's logging_steps, same default). 0 turns the per-step lines off.
+    log_every_steps: int = Field(default=50, ge=0)
+    # Experiment trackers, rank 0 only (turnctl/trackers.py; HF Trainer's report_to): a list of
+    # tensorboard, mlflow, wandb. Every name listed must be installed (pip install 'turnctl[mlflow]'),
+    # else the run stops before it starts, as HF Trainer does. null (the default): today's rule,
+    # TensorBoard when output.tensorboard is true and it is installed (a notice once when it is not).
+    # [] turns every tracker off.
+    report_to: Optional[List[Literal[TRACKER_NAMES]]] = None  # type: ignore[valid-type]
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_name_is_a_list(cls, value: Any) -> Any:
+        """``--set output.report_to=mlflow`` (one name) and "none" (HF's spelling of no tracker)."""
+        if isinstance(value, str):
+            return [] if value == "none" else [value]
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, value: Optional[List[str]]) -> Optional[List[str]]:
+        return None if value is None else list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _tensorboard_agrees(self):
+        if self.report_to is not None and not self.tensorboard and "tensorboard" in self.report_to:
+            raise ValueError("output.tensorboard is false but output.report_to lists tensorboard; "
+                             "drop one of them")
+        return self
