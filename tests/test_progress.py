@@ -108,3 +108,17 @@ def test_a_training_run_logged_to_a_file_reports_every_phase_and_is_never_silent
     gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
     # One-second timestamps, and DeepSpeed's engine start-up, which no progress line covers (2 s here).
     assert max(gaps) <= 5, text
+
+
+def test_the_linear_probe_reports_progress_within_an_epoch(lines, monkeypatch):
+    """A CPU probe on millions of cached features can take minutes per epoch: its steps are tracked."""
+    import torch
+
+    from turnctl.probe import train_linear_probe
+    from turnctl.recipe import LossSection, ProbeSection
+
+    monkeypatch.setenv("TURNCTL_PROGRESS_EVERY_S", "0.000001")
+    x, y = torch.randn(640, 8), torch.randint(0, 3, (640,))
+    train_linear_probe(x, y, num_classes=3, seed=0, probe=ProbeSection(epochs=2, batch_size=64), losses=LossSection())
+    steps = [m for _, m in lines if m.startswith("LP epoch 2/2: ")]
+    assert steps and steps[-1].startswith("LP epoch 2/2: 10/10 (100%)") and "samples/s" in steps[0]

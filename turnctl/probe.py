@@ -48,6 +48,7 @@ from turnctl import metrics
 from turnctl.errors import DataError
 from turnctl.losses import ELRTargets, gce_loss
 from turnctl.recipe import LossSection, ProbeSection
+from turnctl.logger import track
 from turnctl.schedule import lr_schedule
 
 log = logging.getLogger("turnctl")
@@ -285,7 +286,10 @@ def train_linear_probe(
                 for _ in range(int(graph_step.pos), full):
                     graph_step()
                 done = full
-        for k in range(done, full):
+        # A CPU probe on millions of features can take minutes per epoch: a log file gets progress.
+        steps = track(range(done, full), f"LP epoch {epoch + 1}/{probe.epochs}", total=full - done,
+                      batch_size=B) if log_every_epoch else range(done, full)
+        for k in steps:
             trainer.step(perm_dev[k * B:(k + 1) * B])
         if rem:
             trainer.step(perm_dev[full * B:])
