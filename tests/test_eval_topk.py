@@ -323,3 +323,22 @@ def test_eval_of_a_deepspeed_checkpoint_builds_no_op_and_equals_the_runs_own_eva
     # The run's own epoch line carries top-5 beside top-1 (FineTuner's eval pass keeps both)
     assert epoch0["test_top5_accuracy"] == pytest.approx(ev["top5_accuracy"], abs=1e-6)
     assert epoch0["val_top5_accuracy"] >= epoch0["val_accuracy"]
+
+
+def test_the_linear_probe_records_top5_beside_top1_with_over_five_classes():
+    from turnctl.probe import train_linear_probe
+    from turnctl.recipe import LossSection, ProbeSection
+
+    g = torch.Generator().manual_seed(0)
+    for classes, has_top5 in ((NUM_CLASSES, True), (5, False)):
+        y = torch.randint(0, classes, (210,), generator=g)
+        x = torch.nn.functional.one_hot(y, classes).float() + 1.5 * torch.randn(210, classes, generator=g)
+        res = train_linear_probe(x, y, num_classes=classes, seed=0, losses=LossSection(),
+                                 probe=ProbeSection(epochs=3, batch_size=32), eval_sets={"test": (x, y)},
+                                 log_every_epoch=False)
+        last = res.history[-1]
+        assert ("test_top5" in last) is has_top5
+        if has_top5:
+            W, b = res.head_state["weight"], res.head_state["bias"]
+            want = topk_hits(x @ W.T + b, y).float().mean().item()
+            assert last["test_top5"] == pytest.approx(want) and last["test_top5"] >= last["test_acc"]

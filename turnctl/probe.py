@@ -204,9 +204,17 @@ class _GraphStep:
         self.graph.replay()
 
 
-def _accuracy_on(W, b, X, Y) -> float:
-    pred = [torch.addmm(b, X[s:s + EVAL_CHUNK].float(), W.t()).argmax(1) for s in range(0, X.shape[0], EVAL_CHUNK)]
-    return metrics.accuracy(torch.cat(pred) if pred else Y, Y, empty=0.0)
+def _accuracy_on(W, b, X, Y) -> Tuple[float, float]:
+    """(top-1, top-5) accuracy of the head on features ``X``; logits in chunks, never all at once."""
+    pred, top5 = [], []
+    for s in range(0, X.shape[0], EVAL_CHUNK):
+        logits = torch.addmm(b, X[s:s + EVAL_CHUNK].float(), W.t())
+        pred.append(logits.argmax(1))
+        top5.append(metrics.topk_hits(logits, Y[s:s + EVAL_CHUNK], metrics.TOP_K))
+    if not pred:
+        return 0.0, 0.0
+    return (metrics.accuracy(torch.cat(pred), Y, empty=0.0),
+            metrics.hit_rate(torch.cat(top5).cpu().numpy(), empty=0.0))
 
 
 def train_linear_probe(
@@ -301,7 +309,9 @@ def train_linear_probe(
                                "lr": float(trainer.lr_table[min(int(trainer.gstep) - 1, total - 1)]) if total else probe.lr}
         with torch.no_grad():
             for name, (fe, la) in evals.items():
-                row[f"{name}_acc"] = _accuracy_on(trainer.W, trainer.b, fe, la)
+                row[f"{name}_acc"], top5 = _accuracy_on(trainer.W, trainer.b, fe, la)
+                if num_classes > metrics.TOP_K:  # with fewer classes every label is in the top 5
+                    row[f"{name}_top5"] = top5
         row["wall_s"] = time.perf_counter() - t0
         row["samples_per_s"] = n / train_s if train_s > 0 else float("inf")
         history.append(row)
@@ -356,7 +366,7 @@ def accuracy(head_state: Mapping[str, torch.Tensor], features: torch.Tensor, lab
     """
     dev = torch.device(device) if device is not None else features.device
     w, b = _head_tensors(head_state, dev)
-    return _accuracy_on(w, b, features.to(dev), labels.to(dev, torch.long))
+    return _accuracy_on(w, b, features.to(dev), labels.to(dev, torch.long))[0]
 
 
 # ---- input standardisation, folded into the head -------------------------------------------

@@ -467,6 +467,8 @@ def _finish_lp(recipe, run, backbone, probe_out, result, t_start, clock: PhaseTi
     hist = probe_out["history"]
     figures = protocol_figures(hist, val_key="val_acc", test_key="test_acc")
     best_i = figures.pop("best_epoch_index")
+    if any(r.get("test_top5") is not None for r in hist):  # the probe's own top-5 (over 5 classes)
+        figures["test_top5_accuracy"] = protocol_figures(hist, val_key="val_acc", test_key="test_top5")["test_accuracy"]
     if recipe.output.export_final:  # on rank 0; a failure there (a full disk) stops every rank
         train = open_split(recipe.data.shards, recipe.data.train_split)
         with clock("checkpoint"):
