@@ -315,9 +315,12 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert cli_run(["report", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in _one_error_line(capsys)
 
-    lp = _hand_run(tmp_path / "lp", method="lp-gce", epochs=())
+    lp = _hand_run(tmp_path / "lp", method="lp-gce", epochs=())  # an LP run of an older turnctl
     assert cli_run(["report", str(lp)]) == 2
-    assert "LP and FFT baselines have none" in _one_error_line(capsys)
+    assert "the lp-gce run has no selection" in _one_error_line(capsys)
+    fft = _hand_run(tmp_path / "fft", method="fft-ce", epochs=())
+    assert cli_run(["report", str(fft)]) == 2
+    assert "keeps no per-sample losses to report on; run `turnctl train --method turn`" in _one_error_line(capsys)
 
     early = _hand_run(tmp_path / "early", epochs=())
     assert cli_run(["report", str(early)]) == 2
@@ -338,3 +341,34 @@ def test_plot_without_matplotlib_is_a_one_line_error_and_writes_nothing(tmp_path
     assert cli_run(["report", str(hand), "--plot"]) == 2
     assert "pip install 'turnctl[plot]'" in _one_error_line(capsys)
     assert not (hand / "report").exists()
+
+
+def test_an_lp_baseline_is_reported_from_its_final_heads_losses(tmp_path):
+    """An LP baseline writes selection/epoch_0.npz from its final head on the cached features (the
+    GMM TURN's first selection draws from its probe); `turnctl report` reads it like TURN's."""
+    import torch
+
+    toy = _toy(tmp_path / "toy")
+    out = tmp_path / "lp"
+    check(run(turnctl_cmd(["train", "--recipe", "tiny", "--method", "lp-gce", "--shards", str(toy.root),
+                           "--out", str(out), "--set", "data.num_workers=0"]), timeout=300))
+    assert [p.name for p in (out / "selection").iterdir()] == ["epoch_0.npz"]
+    from safetensors.torch import load_file
+
+    from turnctl.report import load_selection
+
+    sel = load_selection(out)
+    assert sel.method == "lp-gce" and sel.num_samples == 117 and not sel.ok[CORRUPT_IDX]
+    # the losses are the exported head's cross-entropy on the cached train features
+    (cached,) = toy.root.joinpath(".features").glob("*/train.safetensors")
+    feats, head = load_file(str(cached)), load_file(str(out / "final" / "model.safetensors"))
+    logits = feats["features"].float() @ head["classifier.weight"].float().T + head["classifier.bias"].float()
+    ce = torch.nn.functional.cross_entropy(logits[sel.ok], torch.as_tensor(sel.given[sel.ok]), reduction="none")
+    np.testing.assert_allclose(sel.loss[sel.ok], ce.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.array_equal(sel.pred[sel.ok], logits[sel.ok].argmax(1).numpy())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lp_selection"]["kept"] == int((sel.keep & sel.usable).sum())
+    res = check(run(turnctl_cmd(["report", str(out), "--json"]), timeout=120))
+    assert "lp-gce: the selection its final linear head gives" in " ".join(res.stderr.split() + res.stdout.split())
+    s = last_json(res.stdout)
+    assert s["method"] == "lp-gce" and s["flagged"] == int(sel.flagged.sum()) and s["quality"]["known"] > 0

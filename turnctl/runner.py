@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from turnctl import distributed as dist
 from turnctl.errors import DataError, RecipeError, TurnctlError
@@ -424,6 +425,9 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
             run.log_metrics({"phase": "lp", **line})
         # Undecodable images got zero features and were left out: say how many, per split.
         summary = {**summary, **{f"{role}_undecodable": int((~fs.ok).sum()) for role, fs in feats.items()}}
+        if tuner is None:  # an LP baseline: its head's label issues, for `turnctl report`
+            _, summary["lp_selection"] = _select(recipe, run, splits["train"], _head_losses(head_state, tr), 0,
+                                                 holdout)
         return {k: v.detach().cpu().float() for k, v in head_state.items()}, summary, history
 
     with clock("probe"):
@@ -433,6 +437,26 @@ def _linear_probe(recipe: Recipe, run: RunDir, backbone, tuner, splits, eval_tf,
     else:
         backbone.head.load_state_dict(head_state)
     return {"head": head_state, "history": history, "feature_cache": cache_state, "summary": summary}
+
+
+def _head_losses(head_state: Dict[str, torch.Tensor], tr, chunk: int = 65536) -> Dict[str, np.ndarray]:
+    """Per-sample CE losses and predictions of a linear head (standardisation folded in) on the
+    cached train features ``tr``, in idx order: what TURN's first selection draws from its probe,
+    here for an LP baseline's final head (one matmul per chunk; never N x classes at once)."""
+    W, b = head_state["weight"].float(), head_state["bias"].float()
+    labels = tr.labels.long()
+    loss = torch.zeros(tr.num_samples, dtype=torch.float32)
+    pred = torch.zeros(tr.num_samples, dtype=torch.long)
+    with torch.no_grad():
+        for s in range(0, tr.num_samples, chunk):
+            logits = torch.addmm(b, tr.features[s:s + chunk].float(), W.t())
+            y = labels[s:s + chunk]
+            known = y >= 0  # an undecodable sample's label may be -1: loss 0, never used
+            loss[s:s + chunk] = torch.where(
+                known, F.cross_entropy(logits, y.clamp(min=0), reduction="none"), torch.zeros(()))
+            pred[s:s + chunk] = logits.argmax(1)
+    return {"idx": np.arange(tr.num_samples, dtype=np.int64), "loss": loss.numpy(), "pred": pred.numpy(),
+            "cls": tr.labels.numpy(), "clean": tr.clean.numpy(), "ok": tr.ok.numpy()}
 
 
 def _kept_val_accuracy(step1_out: Dict[str, Any]) -> Optional[float]:
@@ -492,8 +516,6 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
     ``precomputed``: the previous epoch's evaluation pass over train with the same weights (when a
     validation hold-out needed one), reused instead of a second identical pass. Held-out samples
     are neither fitted nor selected."""
-    from turnctl.cleanse import balanced_subset, select_clean
-
     out = precomputed
     if out is None:
         with clock("loss_pass"):
@@ -506,39 +528,46 @@ def _cleanse(recipe: Recipe, run: RunDir, tuner, train: SplitInfo, eval_tf, epoc
                            f"{out['idx'][bad][:5].tolist()} ({int(bad.sum())} in all); the model diverged: "
                            "lower finetune.lr or check those samples")
 
-    def select():  # rank 0 only
-        c = recipe.cleanse
-        given, clean, ok = out["cls"].astype(np.int64), out["clean"].astype(np.int64), out["ok"].astype(bool)
-        # The GMM and the subset see the decodable samples that are not held out for validation.
-        usable = ok & ~holdout if holdout is not None else ok
-        sel = select_clean(out["loss"], given, num_classes=train.num_classes, tau=c.tau, max_iter=c.gmm_max_iter,
-                           tol=c.gmm_tol, reg_covar=c.gmm_reg_covar, normalize=c.normalize, valid=usable)
-        sub_seed = c.seed if c.seed is not None else _seed_epoch(recipe, epoch)
-        if not c.redraw_each_epoch and c.seed is None:
-            sub_seed = recipe.seed
-        sub = balanced_subset(sel.keep, given, num_classes=train.num_classes, losses=out["loss"],
-                              fallback_k=c.fallback_k, min_per_class=c.min_per_class, seed=sub_seed, valid=usable)
-        for cls_id in sub.fallback_classes:
-            name = train.class_names[cls_id] if cls_id < len(train.class_names) else cls_id
-            log.warning("epoch %d: class %s kept fewer than %d samples; using its %d lowest-loss samples",
-                        epoch, name, c.min_per_class, c.fallback_k)
-        arrays = dict(idx=out["idx"], loss=out["loss"], clean_prob=sel.clean_prob, selected=sub.selected,
-                      keep=sel.keep, given=given, clean=clean, pred=out["pred"], ok=ok, means=sel.means,
-                      variances=sel.variances, weights=sel.weights)
-        run.save_selection(epoch, arrays if holdout is None else {**arrays, "heldout": holdout})
-        stats = {"kept": int(sel.keep.sum()), "selected": int(sub.selected.sum()), "undecodable": int((~ok).sum()),
-                 "n_per_class": int(sub.n_per_class), "fallback_classes": [int(x) for x in sub.fallback_classes],
-                 "train_acc_given": float((out["pred"] == given)[usable].mean()) if usable.any() else None}
-        q_keep = selection_quality(sel.keep, given, clean, usable)
-        q_sel = selection_quality(sub.selected, given, clean, usable)
-        if q_keep:
-            stats.update({"kept_precision": q_keep["purity"], "kept_recall": q_keep["recall"],
-                          "selected_purity": q_sel["purity"], "selected_recall": q_sel["recall"],
-                          "train_noise_rate": q_keep["noise_rate"]})
-        return sub.indices.astype(np.int64), stats
-
     with clock("select"):
-        return dist.run_on_main(select, what=f"the selection of epoch {epoch}")
+        return dist.run_on_main(lambda: _select(recipe, run, train, out, epoch, holdout),
+                                what=f"the selection of epoch {epoch}")
+
+
+def _select(recipe: Recipe, run: RunDir, train: SplitInfo, out: Dict[str, np.ndarray], epoch: int,
+            holdout: Optional[np.ndarray]):
+    """The GMM and the balanced subset on per-sample losses ``out`` (idx, loss, pred, cls, clean, ok),
+    written as ``epoch``'s selection file; returns (the subset's idx, stats). Rank 0 only."""
+    from turnctl.cleanse import balanced_subset, select_clean
+
+    c = recipe.cleanse
+    given, clean, ok = out["cls"].astype(np.int64), out["clean"].astype(np.int64), out["ok"].astype(bool)
+    # The GMM and the subset see the decodable samples that are not held out for validation.
+    usable = ok & ~holdout if holdout is not None else ok
+    sel = select_clean(out["loss"], given, num_classes=train.num_classes, tau=c.tau, max_iter=c.gmm_max_iter,
+                       tol=c.gmm_tol, reg_covar=c.gmm_reg_covar, normalize=c.normalize, valid=usable)
+    sub_seed = c.seed if c.seed is not None else _seed_epoch(recipe, epoch)
+    if not c.redraw_each_epoch and c.seed is None:
+        sub_seed = recipe.seed
+    sub = balanced_subset(sel.keep, given, num_classes=train.num_classes, losses=out["loss"],
+                          fallback_k=c.fallback_k, min_per_class=c.min_per_class, seed=sub_seed, valid=usable)
+    for cls_id in sub.fallback_classes:
+        name = train.class_names[cls_id] if cls_id < len(train.class_names) else cls_id
+        log.warning("epoch %d: class %s kept fewer than %d samples; using its %d lowest-loss samples",
+                    epoch, name, c.min_per_class, c.fallback_k)
+    arrays = dict(idx=out["idx"], loss=out["loss"], clean_prob=sel.clean_prob, selected=sub.selected,
+                  keep=sel.keep, given=given, clean=clean, pred=out["pred"], ok=ok, means=sel.means,
+                  variances=sel.variances, weights=sel.weights)
+    run.save_selection(epoch, arrays if holdout is None else {**arrays, "heldout": holdout})
+    stats = {"kept": int(sel.keep.sum()), "selected": int(sub.selected.sum()), "undecodable": int((~ok).sum()),
+             "n_per_class": int(sub.n_per_class), "fallback_classes": [int(x) for x in sub.fallback_classes],
+             "train_acc_given": float((out["pred"] == given)[usable].mean()) if usable.any() else None}
+    q_keep = selection_quality(sel.keep, given, clean, usable)
+    q_sel = selection_quality(sub.selected, given, clean, usable)
+    if q_keep:
+        stats.update({"kept_precision": q_keep["purity"], "kept_recall": q_keep["recall"],
+                      "selected_purity": q_sel["purity"], "selected_recall": q_sel["recall"],
+                      "train_noise_rate": q_keep["noise_rate"]})
+    return sub.indices.astype(np.int64), stats
 
 
 def _evaluate(tuner, splits, eval_tf, recipe: Recipe, num_classes: int, holdout: Optional[np.ndarray]):

@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from turnctl.commands.common import emit_json
+from turnctl.errors import TurnctlError
 from turnctl.logger import result_console, shown
 
 
@@ -23,8 +24,12 @@ def _num(v: Optional[float], fmt: str = ".3g") -> str:
 
 
 def _overview(s: Dict[str, Any]) -> Table:
-    t = Table(title=f"{_text(s['run_dir'])}: TURN selection of fine-tuning epoch {s['epoch']} "
-                    f"(epochs with a selection: {', '.join(map(str, s['epochs']))})")
+    if str(s.get("method", "turn")).startswith("turn"):
+        what = (f"TURN selection of fine-tuning epoch {s['epoch']} "
+                f"(epochs with a selection: {', '.join(map(str, s['epochs']))})")
+    else:  # an LP baseline: the GMM on its final head's losses, as TURN's first selection draws it
+        what = f"{_text(s['method'])}: the selection its final linear head gives (per-class GMM on its losses)"
+    t = Table(title=f"{_text(s['run_dir'])}: {what}")
     t.add_column("")
     t.add_column("value", justify="right")
     t.add_row("samples", str(s["num_samples"]))
@@ -90,15 +95,27 @@ def _suspects(s: Dict[str, Any], names: List[str]) -> Table:
 @click.argument("run_dir", metavar="RUN_DIR")
 @click.option("--epoch", type=click.IntRange(0), default=None,
               help="Fine-tuning epoch whose selection to report; default: the last one.")
-@click.option("--top", type=click.IntRange(0), default=10, show_default=True,
-              help="How many suspects to print.")
+@click.option("--top", type=click.IntRange(0), default=None,
+              help="How many suspects to print (default 10) and, with --html, to show in the page's gallery "
+                   "(default 100).")
 @click.option("--plot", is_flag=True,
               help="Also write report/loss_histograms.png and report/selection_by_epoch.png (needs matplotlib).")
 @click.option("--shards", type=click.Path(file_okay=False), default=None,
               help="The run's prepared dataset if it moved (for the key column); default: the recipe's data.shards.")
+@click.option("--pred-probs", "pred_probs", is_flag=True,
+              help="Also write cleanlab's inputs to report/: pred_probs.npy (out-of-sample, a K-fold linear probe on "
+                   "the run's cached features), labels.npy, idx.npy (which samples the rows are), folds.npy.")
+@click.option("--folds", type=click.IntRange(2), default=None, metavar="K",
+              help="Folds of --pred-probs (default 5).")
+@click.option("--export-features", is_flag=True,
+              help="With --pred-probs: also report/features.safetensors (the cached features of those rows, and idx).")
+@click.option("--html", "html", is_flag=True,
+              help="Also write report/index.html: one self-contained page (no network) with per-class loss "
+                   "histograms, a gallery of the top suspects' thumbnails and the most confused class pairs.")
 @click.option("--json", "as_json", is_flag=True,
               help="End with one JSON line: files written, counts, precision/recall, health score, per-class table.")
-def command(run_dir: str, epoch: Optional[int], top: int, plot: bool, shards: Optional[str], as_json: bool) -> None:
+def command(run_dir: str, epoch: Optional[int], top: Optional[int], plot: bool, shards: Optional[str], as_json: bool,
+            pred_probs: bool = False, folds: Optional[int] = None, export_features: bool = False, html: bool = False) -> None:
     """Label issues found by a TURN run: which given labels the per-class GMM calls wrong.
 
     Writes RUN_DIR/report/label_issues.csv (one row per training sample, most likely mislabelled
@@ -110,11 +127,32 @@ def command(run_dir: str, epoch: Optional[int], top: int, plot: bool, shards: Op
     Examples:
       turnctl report runs/clip_l14-20261122-101500
       turnctl report runs/clip_l14-20261122-101500 --epoch 0 --top 20 --plot
+      turnctl report runs/clip_l14-20261122-101500 --html --top 200   # report/index.html
       turnctl report runs/x --json | tail -n 1 | jq .overall_label_health_score
     """
     from turnctl.report import MAX_PLOT_CLASSES, write_report
 
+    gallery_top = 100 if top is None else top  # turnctl.report.html.DEFAULT_TOP
+    top = 10 if top is None else top
+
+    oos = None
+    if (folds is not None or export_features) and not pred_probs:
+        raise TurnctlError("--folds and --export-features go with --pred-probs")
+    if pred_probs:  # before any file is written: a run without cached features is one line, no half report
+        from turnctl.report.pred_probs import DEFAULT_FOLDS, run_pred_probs
+
+        oos = run_pred_probs(run_dir, folds=folds or DEFAULT_FOLDS, shards=shards)
     s = write_report(run_dir, epoch=epoch, top=top, plot=plot, shards=shards)
+    if oos is not None:
+        from turnctl.report.pred_probs import summary_of, write_pred_probs
+
+        written = write_pred_probs(run_dir, oos, export_features=export_features)
+        s["pred_probs"] = summary_of(oos, written)
+        s["files"].update({f"pred_probs_{k}" if k != "pred_probs" else k: v for k, v in written.items()})
+    if html:
+        from turnctl.report.html import write_html_report
+
+        s["files"]["html"] = write_html_report(run_dir, epoch=s["epoch"], shards=shards, top=gallery_top)
     names = [r["name"] for r in s["per_class"]]
     console = result_console()
     console.print(_overview(s))
@@ -128,5 +166,10 @@ def command(run_dir: str, epoch: Optional[int], top: int, plot: bool, shards: Op
         console.print("[yellow]keys unavailable: the run's shards could not be read (see the warning)[/]")
     for path in s["files"].values():
         console.print(f"wrote {_text(path)}")
+    if oos is not None:
+        pp = s["pred_probs"]
+        console.print(f"pred_probs: {pp['rows']} x {pp['classes']}, out-of-sample from a {pp['folds']}-fold probe; rows "
+                      f"are idx.npy's samples ({pp['excluded_undecodable']} undecodable and {pp['excluded_held_out']} "
+                      "held-out samples left out)")
     if as_json:
         emit_json(s)

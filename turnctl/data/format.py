@@ -172,6 +172,13 @@ class SplitInfo:
 # 10x that, and 100x WebVision's sizes.json at --shard-size 500:
 MAX_MANIFEST_BYTES = 128 << 20
 MAX_SIZES_BYTES = 16 << 20
+# The key -> source path map of file-based datasets (``turnctl prepare`` of imagefolder, Clothing1M,
+# WebVision): one JSON line per written sample, ``{"split", "idx", "key", "source"}``, the source
+# path relative to the manifest's ``sources.root``. A sidecar, not a manifest field, because it grows
+# with the dataset (WebVision 1.0: 2.4M lines of ~110 bytes, ~0.26 GB) while every rank reads the
+# manifest; only the report reads it, and refuses one larger than this (about 2x WebVision).
+SOURCES_FILE = "sources.jsonl"
+MAX_SOURCES_BYTES = 512 << 20
 
 _Count = Field(strict=True, ge=0)
 
@@ -220,12 +227,30 @@ class _SplitMeta(_Meta):
         raise ValueError(f"expected a list of shard file names or their number, got {_shown(v)}")
 
 
+class _SourceMapMeta(_Meta):
+    """``source_map`` of the manifest: where :data:`SOURCES_FILE` is and what it must hold
+    (absent in manifests of array datasets, of ``turnctl index`` and of older prepares)."""
+
+    file: str
+    count: int = _Count
+    bytes: int = _Count
+    sha256: Optional[str] = None
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if v != SOURCES_FILE:
+            raise ValueError(f"expected {SOURCES_FILE!r}, got {_shown(v)}")
+        return v
+
+
 class _Manifest(_Meta):
     format: Optional[str] = None
     num_classes: int = Field(strict=True, ge=1)
     class_names: Optional[List[str]] = None
     splits: Dict[str, _SplitMeta]
     shards: Dict[str, _ShardMeta]
+    source_map: Optional[_SourceMapMeta] = None
 
 
 _SIZES = TypeAdapter(Dict[str, Annotated[int, _Count]])

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from turnctl import __version__
-from turnctl.data.format import FORMAT
+from turnctl.data.format import FORMAT, SOURCES_FILE
 from turnctl.prepare import noise as nz
 from turnctl.prepare.source import NOISED_SPLITS, Source, Split
-from turnctl.prepare.writer import write_json
+from turnctl.prepare.writer import write_json, writing
 
 # The manifest lists this many unreadable inputs per split at most (the count is always exact): a
 # dataset with a million broken files must not write a manifest that readers refuse as too large.
@@ -85,6 +88,50 @@ def given_only_split_record(*, count: int, shards: List[str], per_class_given: L
         "skipped": {"count": 0, "items": [], "items_truncated": False},
         **extra,
     }
+
+
+def _source_of(path: str, root: Optional[Path]) -> str:
+    """A sample's file as prepared: relative to ``root`` (the manifest's ``sources.root``) when
+    inside it, POSIX separators; else as given."""
+    p = Path(path)
+    if root is not None:
+        try:
+            return p.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return p.as_posix()
+
+
+def write_source_map(directory: Path, written: Mapping[str, Written], root: Optional[Path]) -> Optional[Dict[str, Any]]:
+    """``sources.jsonl`` (turnctl.data.format.SOURCES_FILE) for the file-based splits of ``written``:
+    one line ``{"split", "idx", "key", "source"}`` per written sample, idx in write order; returns
+    the manifest's ``source_map`` record, or None when no split comes from files (array datasets).
+
+    Keys are sanitised paths (dots and slashes become '_'), so the path cannot be read back from a
+    key: this map is how the report shows the file a label issue is about.
+    """
+    files = [(name, w) for name, w in written.items() if not w.split.is_array]
+    if not files:
+        return None
+    path = Path(directory) / SOURCES_FILE
+    tmp = path.with_name(f".{SOURCES_FILE}.tmp")
+    digest, count, size = hashlib.sha256(), 0, 0
+    with writing(tmp):
+        with open(tmp, "wb") as fh:
+            for name, w in files:
+                for idx, i in enumerate(w.kept.tolist()):
+                    # surrogateescape'd (non-UTF-8) file names stay lossless as JSON \udcXX escapes
+                    line = (json.dumps({"split": name, "idx": idx, "key": w.split.keys[i],
+                                        "source": _source_of(w.split.images[i], root)}) + "\n").encode("ascii")
+                    fh.write(line)
+                    digest.update(line)
+                    count += 1
+                    size += len(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return {"file": SOURCES_FILE, "count": count, "bytes": size, "sha256": digest.hexdigest(),
+            "relative_to": "sources.root"}
 
 
 def write_sizes_then_manifest(directory: Path, sizes: Mapping[str, int], manifest: Mapping[str, Any]) -> None:
@@ -152,5 +199,8 @@ def write_manifest(directory: Path, written: Mapping[str, Written], *, dataset: 
         "options": options,
         "shards": shard_table,
     }
+    source_map = write_source_map(directory, written, root)
+    if source_map is not None:
+        manifest["source_map"] = source_map
     write_sizes_then_manifest(directory, sizes, manifest)
     return splits, manifest, shard_table

@@ -44,7 +44,7 @@ SPOOL_NAME = ".train-before-holdout.spool"  # valsplit's spool of encoded train 
 # The names an interrupted prepare can leave in its output directory. Not manifest.json: it is
 # written last, so a directory with one is finished (and then only the "format" says whose it is).
 _OWN_NAMES = re.compile(r"(?:train|val|test)-\d{6}\.tar|\.(?:train|val|test)-\d{6}\.tar\.tmp"
-                        r"|sizes\.json|\.(?:sizes|manifest)\.json\.tmp|\.probe-\d+|"
+                        r"|sizes\.json|\.(?:sizes|manifest)\.json\.tmp|\.probe-\d+|sources\.jsonl|\.sources\.jsonl\.tmp|"
                         + re.escape(SPOOL_NAME))
 
 

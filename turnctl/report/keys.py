@@ -7,6 +7,7 @@ leaves the column empty with a warning saying why, never filled with another dat
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from typing import Any, Optional, Tuple, Union
@@ -14,7 +15,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from turnctl.data import iter_tar, open_split
-from turnctl.data.format import IDX_TAR_ORDER, read_label
+from turnctl.data.format import IDX_TAR_ORDER, MAX_SOURCES_BYTES, SOURCES_FILE, read_label
 from turnctl.data.tar import numbered_members
 from turnctl.logger import printable_name
 from turnctl.report.selection import Selection
@@ -112,3 +113,35 @@ def keys_for(sel: Selection) -> Tuple[np.ndarray, Optional[str]]:
                        "re-prepared since the run, so the key column is empty")
     # Escaped here, not in sample_keys: the CSV, the summary and the terminal need text.
     return np.array([printable_name(k) for k in keys[sel.idx]], dtype=object), None
+
+
+def source_paths(sel: Selection) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """The file each of ``sel``'s samples was prepared from (``sources.jsonl``, relative to the
+    manifest's ``sources.root``), in ``sel``'s order, escaped for text; ``(None, None)`` when the
+    dataset has no source map (array datasets, ``turnctl index``, older prepares), ``(None, why)``
+    when it has one that cannot be used (the report then goes on without the column).
+    """
+    info = sel.split_info
+    record = info.manifest.get("source_map") if info is not None else None
+    if not record:
+        return None, None
+    path = info.root / SOURCES_FILE
+    try:
+        size = path.stat().st_size
+        if size > MAX_SOURCES_BYTES or size != record.get("bytes"):
+            return None, (f"{path}: {size:,} bytes, not the {record.get('bytes')} the manifest records (at most "
+                          f"{MAX_SOURCES_BYTES:,}); the source column is left out")
+        by_idx = np.full(info.num_samples, "", dtype=object)
+        with open(path, "rb") as f:
+            for line in f:
+                entry = json.loads(line)
+                if entry.get("split") == info.split:
+                    i = entry["idx"]
+                    if not (isinstance(i, int) and 0 <= i < len(by_idx)):
+                        raise ValueError(f"idx {i!r} outside the split")
+                    by_idx[i] = printable_name(str(entry["source"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exn:
+        return None, f"{path}: unreadable ({type(exn).__name__}: {exn}); the source column is left out"
+    if sel.idx.min(initial=0) < 0 or sel.idx.max(initial=0) >= len(by_idx):
+        return None, None  # not the run's dataset: keys_for says so
+    return by_idx[sel.idx], None

@@ -169,11 +169,15 @@ def load_selection(run_dir: Union[str, os.PathLike], *, epoch: Optional[int] = N
     rec = _recipe_fields(layout)
     epochs = layout.selection_epochs()
     if not epochs:
+        if rec["method"].startswith("fft"):
+            raise TurnctlError(f"{run}: a {rec['method']} run keeps no per-sample losses to report on; run "
+                               "`turnctl train --method turn` (a selection every epoch) or an LP baseline such as "
+                               "--method lp-gce (a selection from its head) on the same data")
         if not rec["method"].startswith("turn"):
-            raise TurnctlError(f"{run}: a {rec['method']} run has no TURN selection (only TURN writes "
-                               "selection/epoch_*.npz; LP and FFT baselines have none)")
+            raise TurnctlError(f"{run}: the {rec['method']} run has no selection (LP baselines write "
+                               "selection/epoch_0.npz from their final head; one written by an older turnctl has none: rerun it)")
         raise TurnctlError(f"{run}: the run has no TURN selection yet (selection/epoch_*.npz is written "
-                           "at the start of each fine-tuning epoch; LP and FFT baselines have none)")
+                           "at the start of each fine-tuning epoch)")
     if epoch is None:
         epoch = epochs[-1]
     elif epoch not in epochs:

@@ -15,7 +15,7 @@ import numpy as np
 
 from turnctl.logger import log
 from turnctl.metrics import selection_quality
-from turnctl.report.keys import keys_for
+from turnctl.report.keys import keys_for, source_paths
 from turnctl.report.selection import Run, Selection, as_selection
 from turnctl.rundir import RunLayout
 
@@ -41,8 +41,10 @@ def label_issues(run: Run, *, epoch: Optional[int] = None,
     """Per-sample label-quality columns, most likely mislabelled first (turnctl.report's docstring).
 
     Returns an ordered ``{column: array}`` dict (``pandas.DataFrame(result)`` if you want one):
-    ``idx, key, given_label, predicted_label, label_score, is_label_issue, loss`` and, when the
-    run knows true labels, ``true_label``. ``keys`` (in the selection's sample order) skips reading
+    ``idx, key, given_label, predicted_label, label_score, is_label_issue, loss``; ``source`` after
+    ``key`` when the dataset was prepared from files (the path as prepared, relative to the
+    manifest's ``sources.root``; turnctl.report.keys.source_paths); and, when the run knows true
+    labels, ``true_label``. ``keys`` (in the selection's sample order) skips reading
     the shards; otherwise keys are read from them, or left '' with a logged warning.
 
     >>> issues = label_issues("runs/tiny-20260101-000000")          # doctest: +SKIP
@@ -68,6 +70,15 @@ def label_issues(run: Run, *, epoch: Optional[int] = None,
         "is_label_issue": sel.flagged[o],
         "loss": np.where(ok, sel.loss[o].astype(np.float64), np.nan),
     }
+    # The file a sample was prepared from, when prepare kept a source map (file-based datasets) and
+    # the keys show these are the run's shards (empty keys: another or no dataset, so no paths either).
+    sources, why = source_paths(sel) if any(keys) else (None, None)
+    if why:
+        log.warning(why)
+    if sources is not None:
+        items = list(cols.items())
+        at = list(cols).index("key") + 1
+        cols = dict(items[:at] + [("source", sources[o])] + items[at:])
     if sel.has_clean:
         # Known for some samples only (e.g. Clothing1M's clean subset): unknown is empty, never -1.
         cols["true_label"] = np.array([int(c) if c >= 0 else None for c in sel.clean[o]], dtype=object)
@@ -162,7 +173,7 @@ def health_summary(run: Run, *, epoch: Optional[int] = None) -> Dict[str, Any]:
     valid = sel.usable & (sel.given >= 0) & (sel.given < sel.num_classes)
     noise = float(np.mean(1.0 - sel.clean_prob[valid])) if valid.any() else None
     return {
-        "epoch": sel.epoch, "epochs": list(sel.epochs), "num_samples": sel.num_samples,
+        "method": sel.method, "epoch": sel.epoch, "epochs": list(sel.epochs), "num_samples": sel.num_samples,
         "num_classes": sel.num_classes, "undecodable": int((~sel.ok).sum()),
         "held_out": int((sel.ok & sel.heldout).sum()), "kept": int((sel.keep & sel.usable).sum()), "flagged": int(sel.flagged.sum()), "selected": int(sel.selected.sum()),
         "tau": sel.tau, "estimated_noise_rate": noise,
