@@ -159,14 +159,16 @@ def test_train_loader_keeps_idx_and_label_together_also_in_shared_shard_parts(in
         assert ld.stats()["corrupt"] == 0
 
 
-def test_turn_trains_on_indexed_shards(indexed, tmp_path, capsys):
+def test_turn_trains_on_indexed_shards(indexed, tmp_path):
+    from launch import check, last_json, run, turnctl_cmd
+
     root, _, _ = indexed
-    rc = cli_run(["train", "--recipe", "tiny", "--shards", str(root), "--out", str(tmp_path / "run"), "--json",
-                  "--set", "data.num_workers=0", "--set", "probe.epochs=2", "--set", "finetune.epochs=1",
-                  "--set", "features.batch_size=64"])
-    cap = capsys.readouterr()
-    assert rc == 0, cap.err[-3000:]
-    result = json.loads(cap.out.strip().splitlines()[-1])
+    # Its own process, as a user runs it (an in-process DeepSpeed engine after another module's
+    # process group was torn down trips over DeepSpeed's cached groups)
+    result = last_json(check(run(turnctl_cmd([
+        "train", "--recipe", "tiny", "--shards", str(root), "--out", str(tmp_path / "run"), "--json",
+        "--set", "data.num_workers=0", "--set", "probe.epochs=2", "--set", "finetune.epochs=1",
+        "--set", "features.batch_size=64"]), timeout=300)).stdout)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["method"] == result["method"] == "turn"
     assert summary["train_undecodable"] == summary["val_undecodable"] == summary["test_undecodable"] == 0

@@ -117,7 +117,7 @@ def _tuner(recipe, num_classes: int, size: int) -> FineTuner:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, num_classes))
     engine = _RecordingEngine(model, recipe.grad_accum(1))
     tuner.__dict__.update(recipe=recipe, world=1, accum=engine.accum, engine=engine, optimizer=engine.optimizer,
-                          device=torch.device("cpu"), input_dtype=torch.float32, global_step=0)
+                          device=torch.device("cpu"), input_dtype=torch.float32, global_step=0, log_metrics=None)
     return tuner
 
 

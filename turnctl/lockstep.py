@@ -47,22 +47,33 @@ def per_sample_pass(
     device = device or dist.compute_device()
     loader = exact_loader(info, transform=transform, batch_size=batch_size, rank=dist.rank(),
                           world_size=dist.world_size(), num_workers=num_workers)
-    chunks: Dict[str, list] = {}
-    idx_chunks = []
+    # The outputs go into buffers sized once for this rank's share (loader.steps full batches at
+    # most), not into a list of small per-batch tensors: those stay alive in the holes the batch's
+    # freed logits leave, so the heap could never reuse them and grew by ~5 KiB per sample (7.5 GiB
+    # on a rank at 2.4M samples; benchmarks/RESULTS.md, bench_scale.py).
+    capacity = loader.steps * batch_size
+    buffers: Dict[str, torch.Tensor] = {}
+    idx_buffer = torch.empty(capacity, dtype=torch.long)
+    n = 0
     for batch in track(loader, f"{what} [{info.split}]", total=loader.steps, batch_size=batch_size * dist.world_size()):
         x = batch["image"].to(device=device, dtype=input_dtype, non_blocking=True)
         output = forward(x)
         real = batch["idx"] >= 0
-        if not bool(real.any()):
+        rows = int(real.sum())
+        if not rows:
             continue  # a padding batch: its forward only kept ZeRO-3's collectives in step
         values = dict(collect(output, batch))
         values.update(cls=batch["cls"], clean=batch["clean"], ok=batch["ok"])
         for k, v in values.items():
-            chunks.setdefault(k, []).append(v.detach().cpu()[real])
-        idx_chunks.append(batch["idx"][real])
-    if idx_chunks:
-        idx = torch.cat(idx_chunks)
-        local = {k: torch.cat(v) for k, v in chunks.items()}
+            v = v.detach().cpu()[real]
+            if k not in buffers:
+                buffers[k] = torch.empty((capacity,) + tuple(v.shape[1:]), dtype=v.dtype)
+            buffers[k][n:n + rows] = v
+        idx_buffer[n:n + rows] = batch["idx"][real]
+        n += rows
+    if n:
+        idx = idx_buffer[:n]
+        local = {k: b[:n] for k, b in buffers.items()}
     else:  # a rank that only padded (more ranks than shards) still joins every gather
         idx = torch.zeros(0, dtype=torch.long)
         local = None
