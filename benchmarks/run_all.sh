@@ -27,6 +27,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
 if [ -f ../shared/data/cifar10-jpg.tar.gz ]; then  # ~20 min on 2 cores
   "$PY" benchmarks/bench_turn_vs_fft.py --cifar-train 20000 --cached --out benchmarks/results/turn_vs_fft_cifar20k.json
 fi
+"$PY" benchmarks/bench_scale.py --sizes 240000,720000,1200000,2400000  # one TURN epoch at WebVision scale: ~35 min, 10 GB under data/scale (removed)
 "$PY" benchmarks/bench_reproducible.py   # the demo twice, ~6 min
 "$PY" benchmarks/bench_protocol.py       # every method, 2 noise levels, 3 seeds: ~1 h on 2 cores
 if [ "$gpu" = 1 ]; then
