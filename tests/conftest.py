@@ -50,3 +50,19 @@ def tiny_reference_run(run_shards, tmp_path_factory):
     res = check(run(deepspeed_cmd(["train", *RUN_ARGS, "--shards", str(run_shards), "--out", str(out), "--json"]),
                     timeout=420))
     return out, last_json(res.stdout)
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory):
+    """(toy shards, run dir) of one real TURN run (LP, then 2 fine-tuning epochs with a selection
+    each) that the report tests read: tests/test_report.py and tests/test_report_html.py."""
+    from launch import check, run, turnctl_cmd
+    from shardgen import report_toy
+
+    base = tmp_path_factory.mktemp("report")
+    toy = report_toy(base / "toy")
+    out = base / "run"
+    check(run(turnctl_cmd(["train", "--recipe", "tiny", "--shards", str(toy.root), "--out", str(out),
+                           "--set", "data.num_workers=0"]), timeout=300))
+    assert [p.name for p in sorted((out / "selection").iterdir())] == ["epoch_0.npz", "epoch_1.npz"]
+    return toy, out

@@ -200,3 +200,15 @@ def write_run_shards(out_dir: Union[str, Path], *, seed: int = 0) -> Path:
     write_toy_shards(out_dir, counts={"train": [40, 40, 37], "val": [24], "test": [20, 20]},
                      num_classes=4, image_size=16, seed=seed, noise_rate=0.4)
     return Path(out_dir)
+
+
+# The toy dataset of the report tests (tests/test_report.py, tests/test_report_html.py): a known
+# noisy/clean split and one undecodable image.
+REPORT_NUM_CLASSES = 4
+REPORT_CORRUPT_IDX = 5
+
+
+def report_toy(out, seed=0):
+    return write_toy_shards(out, counts={"train": [40, 40, 37], "val": [24], "test": [20]},
+                            num_classes=REPORT_NUM_CLASSES, image_size=16, seed=seed, noise_rate=0.4,
+                            corrupt={"train": [REPORT_CORRUPT_IDX]})

@@ -18,28 +18,16 @@ import yaml
 from launch import REPO, check, last_json, run, turnctl_cmd
 from turnctl.cli import run as cli_run
 
-NUM_CLASSES = 4
-CORRUPT_IDX = 5
+from shardgen import REPORT_CORRUPT_IDX as CORRUPT_IDX, REPORT_NUM_CLASSES as NUM_CLASSES, report_toy as _toy
+
 COLUMNS = ["idx", "key", "given_label", "predicted_label", "label_score", "is_label_issue", "loss"]
 
 
-def _toy(out, seed=0):
-    from shardgen import write_toy_shards
-
-    return write_toy_shards(out, counts={"train": [40, 40, 37], "val": [24], "test": [20]}, num_classes=NUM_CLASSES,
-                            image_size=16, seed=seed, noise_rate=0.4, corrupt={"train": [CORRUPT_IDX]})
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(toy shards, run dir) of a real TURN run: LP, then 2 fine-tuning epochs with a selection each."""
-    base = tmp_path_factory.mktemp("report")
-    toy = _toy(base / "toy")
-    out = base / "run"
-    check(run(turnctl_cmd(["train", "--recipe", "tiny", "--shards", str(toy.root), "--out", str(out),
-                           "--set", "data.num_workers=0"]), timeout=300))
-    assert [p.name for p in sorted((out / "selection").iterdir())] == ["epoch_0.npz", "epoch_1.npz"]
-    return toy, out
+@pytest.fixture
+def trained(report_run):
+    """(toy shards, run dir) of a real TURN run: conftest's ``report_run``, shared with
+    tests/test_report_html.py (one tiny training for both)."""
+    return report_run
 
 
 def _read_csv(path):
