@@ -172,26 +172,24 @@ def generate(directory: Path, n: int, args, env) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- memory
-def _meminfo_kb(field: str) -> int:
+def _proc_kb(path: str, field: str) -> int:
+    """``field``'s kB in a /proc file of ``Name: value kB`` lines (0 when gone or absent)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def _meminfo_kb(field: str) -> int:
+    return _proc_kb("/proc/meminfo", field)
 
 
 def _status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_kb(f"/proc/{pid}/status", field)
 
 
 def _rollup_kb(pid: int) -> dict:

@@ -40,9 +40,8 @@ import numpy as np
 from turnctl import __version__
 from turnctl.cleanse import tau_crossings
 from turnctl.logger import log, printable_name
-from turnctl.report.keys import keys_for
 from turnctl.report.selection import Run, Selection, as_selection
-from turnctl.report.tables import health_summary, label_issues, per_class_table
+from turnctl.report.tables import health_summary, report_tables
 from turnctl.report.thumbnails import THUMBNAIL_SIDE, read_thumbnails
 from turnctl.rundir import RunLayout, atomic_write_text
 
@@ -140,14 +139,9 @@ def page_data(run: Run, *, epoch: Optional[int] = None, shards: Optional[Union[s
     the run's (same size, same given labels); otherwise the gallery shows no images and a warning
     says why.
     """
-    sel = as_selection(run, epoch, shards)
-    warnings: List[str] = []
-    keys, warning = keys_for(sel)
-    if warning:
-        log.warning(warning)
-        warnings.append(warning)
-    issues = label_issues(sel, keys=keys)
-    table = per_class_table(sel)
+    base = report_tables(run, epoch, shards)
+    sel, issues, table, warnings = base.sel, base.issues, base.per_class, list(base.warnings)
+    keys_ok = not base.warnings  # the keys (and so the shards) are the run's
     health = health_summary(sel)
     hist = _histograms(sel, bins)
     C = sel.num_classes
@@ -167,7 +161,7 @@ def page_data(run: Run, *, epoch: Optional[int] = None, shards: Optional[Union[s
 
     thumbs: Dict[str, str] = {}
     wanted = sorted({s["idx"] for s in suspects} | {i for p in pairs for i in p["examples"]})
-    if wanted and warning is None and sel.split_info is not None:
+    if wanted and keys_ok and sel.split_info is not None:
         try:
             thumbs = {str(i): t.data_uri() for i, t in
                       read_thumbnails(sel.split_info, wanted, side=thumbnail_side).items()}

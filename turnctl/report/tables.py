@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -207,3 +208,25 @@ def epoch_history(run_dir: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
                     "clean_share": kept_q.get("clean_share")})
     return out
 
+
+@dataclass(frozen=True)
+class ReportTables:
+    """What every rendering of a report (the CSVs, the page) starts from: the selection, its keys
+    (or '' with a warning saying why), the per-sample issues and the per-class table."""
+
+    sel: Selection
+    keys: np.ndarray
+    issues: Dict[str, Any]
+    per_class: Any
+    warnings: Sequence[str]
+
+
+def report_tables(run: Run, epoch: Optional[int] = None, shards: Optional[Union[str, os.PathLike]] = None
+                  ) -> ReportTables:
+    """:class:`ReportTables` of ``run``'s selection of ``epoch`` (the last by default)."""
+    sel = as_selection(run, epoch, shards)
+    keys, warning = keys_for(sel)
+    if warning:
+        log.warning(warning)
+    return ReportTables(sel=sel, keys=keys, issues=label_issues(sel, keys=keys), per_class=per_class_table(sel),
+                        warnings=(warning,) if warning else ())

@@ -11,15 +11,14 @@ import csv
 import io
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from turnctl.logger import log, printable_name
-from turnctl.report.keys import keys_for
+from turnctl.logger import printable_name
 from turnctl.report.plots import MAX_PLOT_CLASSES, check_matplotlib, plot_report
-from turnctl.report.selection import Run, as_selection
-from turnctl.report.tables import PER_CLASS_COLUMNS, health_summary, label_issues, per_class_table
+from turnctl.report.selection import Run
+from turnctl.report.tables import PER_CLASS_COLUMNS, health_summary, report_tables
 from turnctl.rundir import RunLayout, atomic_write_text
 
 
@@ -60,14 +59,9 @@ def write_report(run: Run, *, epoch: Optional[int] = None, top: int = 10, plot: 
     """
     if plot:
         check_matplotlib()  # before writing anything: no half report
-    sel = as_selection(run, epoch, shards)
-    warnings: List[str] = []
-    keys, warning = keys_for(sel)
-    if warning:
-        log.warning(warning)
-        warnings.append(warning)
-    issues = label_issues(sel, keys=keys)
-    table = per_class_table(sel)
+    base = report_tables(run, epoch, shards)
+    sel, issues, table, warnings = base.sel, base.issues, base.per_class, list(base.warnings)
+    keys_ok = not base.warnings  # the keys (and so the shards) are the run's
     summary = {"run_dir": str(sel.run_dir), **health_summary(sel)}
     out = RunLayout(sel.run_dir).report_dir
     cols = list(issues)
@@ -82,7 +76,7 @@ def write_report(run: Run, *, epoch: Optional[int] = None, top: int = 10, plot: 
         files.update(plot_report(sel, max_classes=max_plot_classes))
     flagged_rows = np.flatnonzero(issues["is_label_issue"])[:max(0, int(top))]
     summary.update({
-        "files": files, "keys": warning is None, "per_class": table,
+        "files": files, "keys": keys_ok, "per_class": table,
         "top": [{c: issues[c][i].item() if hasattr(issues[c][i], "item") else issues[c][i] for c in cols}
                 for i in flagged_rows],
         "warnings": warnings,
