@@ -56,3 +56,29 @@ def test_a_rank_with_no_sample_needs_another_ranks_schema():
     local = {"x": torch.zeros(2, 3)}
     assert _agree_on_schema(local) is local
 
+
+
+def test_a_pass_with_more_rows_than_its_loader_promised_still_gathers_every_sample(monkeypatch):
+    """The outputs go into buffers sized from the loader's step count; a shard holding more samples
+    than sizes.json says must not overflow them (the coverage check then judges the idx)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from turnctl import lockstep
+
+    class TwoBatchesForOne:
+        steps = 1  # what the sizes promised: one batch
+
+        def __iter__(self):
+            for start in (0, 2):
+                idx = torch.tensor([start, start + 1])
+                yield {"image": torch.arange(6.0).repeat(2, 1) + idx[:, None], "idx": idx, "cls": idx % 2,
+                       "clean": idx % 2, "ok": torch.ones(2, dtype=torch.bool)}
+
+    monkeypatch.setattr(lockstep, "exact_loader", lambda *a, **k: TwoBatchesForOne())
+    out = lockstep.per_sample_pass(lambda x: x[:, :3], SimpleNamespace(num_samples=4, split="train"),
+                                   transform=None, batch_size=2, num_workers=0, device=torch.device("cpu"),
+                                   collect=lambda logits, b: {"score": logits.sum(1)})
+    assert out["idx"].tolist() == [0, 1, 2, 3] and out["score"].tolist() == [3.0, 6.0, 9.0, 12.0]
+    assert out["cls"].tolist() == [0, 1, 0, 1]

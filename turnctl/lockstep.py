@@ -64,6 +64,10 @@ def per_sample_pass(
             continue  # a padding batch: its forward only kept ZeRO-3's collectives in step
         values = dict(collect(output, batch))
         values.update(cls=batch["cls"], clean=batch["clean"], ok=batch["ok"])
+        if n + rows > capacity:  # more rows than the sizes promised (a bad shard): grow, and let the
+            capacity = max(2 * capacity, n + rows)  # coverage check below name what is wrong
+            idx_buffer = _grown(idx_buffer, n, capacity)
+            buffers = {k: _grown(b, n, capacity) for k, b in buffers.items()}
         for k, v in values.items():
             v = v.detach().cpu()[real]
             if k not in buffers:
@@ -79,6 +83,12 @@ def per_sample_pass(
         local = None
     local = _agree_on_schema(local)
     return dist.gather_by_idx(idx, local, num_samples=info.num_samples, what=f"{what} [{info.split}]", dst=dst)
+
+
+def _grown(buffer: torch.Tensor, filled: int, capacity: int) -> torch.Tensor:
+    out = torch.empty((capacity,) + tuple(buffer.shape[1:]), dtype=buffer.dtype)
+    out[:filled] = buffer[:filled]
+    return out
 
 
 def _agree_on_schema(local: Optional[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
