@@ -142,7 +142,13 @@ def command(run_dir: str, epoch: Optional[int], top: Optional[int], plot: bool, 
         from turnctl.report.pred_probs import DEFAULT_FOLDS, run_pred_probs
 
         oos = run_pred_probs(run_dir, folds=folds or DEFAULT_FOLDS, shards=shards)
-    s = write_report(run_dir, epoch=epoch, top=top, plot=plot, shards=shards)
+    from turnctl.report.plots import check_matplotlib
+    from turnctl.report.tables import report_tables
+
+    if plot:
+        check_matplotlib()  # before reading or writing anything: no half report
+    tables = report_tables(run_dir, epoch, shards)  # read once for the CSVs and the page
+    s = write_report(tables, top=top, plot=plot)
     if oos is not None:
         from turnctl.report.pred_probs import summary_of, write_pred_probs
 
@@ -152,7 +158,7 @@ def command(run_dir: str, epoch: Optional[int], top: Optional[int], plot: bool, 
     if html:
         from turnctl.report.html import write_html_report
 
-        s["files"]["html"] = write_html_report(run_dir, epoch=s["epoch"], shards=shards, top=gallery_top)
+        s["files"]["html"] = write_html_report(tables, top=gallery_top)
     names = [r["name"] for r in s["per_class"]]
     console = result_console()
     console.print(_overview(s))

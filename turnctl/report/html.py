@@ -40,7 +40,7 @@ import numpy as np
 from turnctl import __version__
 from turnctl.cleanse import tau_crossings
 from turnctl.logger import log, printable_name
-from turnctl.report.selection import Run, Selection, as_selection
+from turnctl.report.selection import Run, Selection
 from turnctl.report.tables import health_summary, report_tables
 from turnctl.report.thumbnails import THUMBNAIL_SIDE, read_thumbnails
 from turnctl.rundir import RunLayout, atomic_write_text
@@ -319,9 +319,9 @@ def write_html_report(run: Run, *, epoch: Optional[int] = None, shards: Optional
     >>> write_html_report("runs/tiny-20260101-000000", top=50)     # doctest: +SKIP
     'runs/tiny-20260101-000000/report/index.html'
     """
-    sel = as_selection(run, epoch, shards)
-    data = page_data(sel, top=top)
-    path = (Path(out_dir) if out_dir is not None else RunLayout(sel.run_dir).report_dir) / HTML_FILE
+    base = report_tables(run, epoch, shards)  # a ReportTables passed in is used as it is
+    data = page_data(base, top=top)
+    path = (Path(out_dir) if out_dir is not None else RunLayout(base.sel.run_dir).report_dir) / HTML_FILE
     atomic_write_text(path, render_page(data))
     return str(path)
 

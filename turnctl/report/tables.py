@@ -221,9 +221,14 @@ class ReportTables:
     warnings: Sequence[str]
 
 
-def report_tables(run: Run, epoch: Optional[int] = None, shards: Optional[Union[str, os.PathLike]] = None
+def report_tables(run: Union[Run, ReportTables], epoch: Optional[int] = None, shards: Optional[Union[str, os.PathLike]] = None
                   ) -> ReportTables:
-    """:class:`ReportTables` of ``run``'s selection of ``epoch`` (the last by default)."""
+    """:class:`ReportTables` of ``run``'s selection of ``epoch`` (the last by default); ``run`` itself
+    when it already is them (the CSVs and the page of one command read the shards' keys once)."""
+    if isinstance(run, ReportTables):
+        if epoch in (None, run.sel.epoch) and (shards is None or str(shards) == run.sel.shards):
+            return run
+        run = run.sel
     sel = as_selection(run, epoch, shards)
     keys, warning = keys_for(sel)
     if warning:
